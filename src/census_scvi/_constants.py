@@ -1,0 +1,46 @@
+"""Names shared across stages: artifact files, obs/var keys, defaults (as scvi's REGISTRY_KEYS)."""
+
+from __future__ import annotations
+
+# obs / var columns
+BATCH_KEY = "batch"
+SOMA_JOINID = "soma_joinid"
+FEATURE_ID = "feature_id"
+FEATURE_NAME = "feature_name"
+CELL_TYPE = "cell_type"
+
+# stages, in order
+STAGES = ("prepare", "train", "embed", "evaluate")
+
+# run directory layout
+CONFIG_FILE = "config.yaml"
+MANIFEST_FILE = "manifest.json"
+PREPARE_DIR = "prepare"
+TRAIN_DIR = "train"
+EMBED_DIR = "embed"
+EVALUATE_DIR = "evaluate"
+HVG_FILE = "hvg.parquet"
+HV_GENES_PKL = "hv_genes.pkl"
+LOGS_DIR = "logs"
+CHECKPOINTS_DIR = "checkpoints"
+HISTORY_FILE = "history.csv"
+LOSS_CURVE_FILE = "loss_curve.png"
+LATENT_FILE = "latent.npy"
+LATENT_VAR_FILE = "latent-var.npy"
+LATENT_IDX_FILE = "latent-idx.npy"
+EMBEDDING_SOMA = "embedding.soma"
+MINIFIED_MODEL_DIR = "final_scvi_optimized"
+PROGRESS_FILE = "progress.json"
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.md"
+UMAP_FILE = "umap.png"
+MODEL_CARD_FILE = "model_card.md"
+
+# census layout
+CENSUS_INFO = "census_info"
+CENSUS_DATA = "census_data"
+MEASUREMENT = "RNA"
+X_RAW = "raw"
+
+# environment
+CACHE_ENV = "CENSUS_SCVI_CACHE"

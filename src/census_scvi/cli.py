@@ -1,0 +1,327 @@
+"""The ``census-scvi`` command line: parse, load config, call ``run_*``, print a result.
+
+Heavy libraries are imported inside the commands so ``census-scvi --help`` is fast. Errors of the
+project's own type print one line on stderr and exit 2 (traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from census_scvi import __version__
+from census_scvi._errors import CensusScviError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from census_scvi.config import Config
+
+app = typer.Typer(
+    name="census-scvi",
+    help="Train scVI on a CELLxGENE Census (or any Census-schema SOMA experiment), embed every "
+    "cell, evaluate, and map your own data onto the model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_STATE: dict[str, Any] = {"debug": False}
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("-c", "--config", help="YAML config (default: the bundled demo config)."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override one key: section.key=value (repeatable)."),
+]
+RunDirOpt = Annotated[
+    Path | None, typer.Option("-o", "--run-dir", help="Run directory (default: output.run_dir).")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo and overwrite finished artifacts.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"census-scvi {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help="More logs.")] = 0,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only warnings and results.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Full tracebacks on errors.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """census-scvi: scVI on the CELLxGENE Census, at any scale."""
+    from census_scvi._track import set_progress
+
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 0 or debug else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("census_scvi")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    set_progress(not quiet)
+    _STATE["debug"] = debug
+    _STATE["quiet"] = quiet
+
+
+def _fail(err: BaseException) -> None:
+    if _STATE.get("debug"):
+        raise err
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(2)
+
+
+def _guard(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except CensusScviError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+def _load(config: Path | None, sets: list[str] | None) -> Config:
+    from census_scvi.config import load_config
+
+    return load_config(config, overrides=sets or [])
+
+
+def _run_dir(cfg: Config, run_dir: Path | None) -> Path:
+    return Path(run_dir) if run_dir is not None else Path(cfg.output.run_dir).expanduser()
+
+
+def _print_result(result: Any) -> None:
+    text = result.summary() if hasattr(result, "summary") else str(result)
+    typer.echo(text)
+
+
+# ----------------------------------------------------------------------------------------------
+@app.command("demo-data")
+def demo_data(
+    path: Annotated[Path, typer.Argument(help="Folder to write the mini census into.")],
+    cells: Annotated[int, typer.Option("--cells", min=100, help="Human cells.")] = 20_000,
+    genes: Annotated[int, typer.Option("--genes", min=100, help="Human genes.")] = 2_000,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Random seed.")] = 0,
+    force: ForceOpt = False,
+) -> None:
+    """Write the mini census: a small SOMA census in the Census layout and schema."""
+
+    def go() -> Any:
+        from census_scvi.data.demo import make_mini_census
+
+        return make_mini_census(path, n_cells=cells, n_genes=genes, seed=seed, force=force)
+
+    _print_result(_guard(go))
+
+
+@app.command("config")
+def config_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved config (every default filled in) as YAML."""
+
+    def go() -> str:
+        from census_scvi.config import dump_config
+
+        return dump_config(_load(config, set_))
+
+    typer.echo(_guard(go), nl=False)
+
+
+@app.command("prepare")
+def prepare_cmd(
+    config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None, force: ForceOpt = False
+) -> None:
+    """Select cells and highly variable genes; write the training data (mode memory)."""
+
+    def go() -> Any:
+        from census_scvi.prepare import run_prepare
+
+        cfg = _load(config, set_)
+        return run_prepare(cfg, run_dir=_run_dir(cfg, run_dir), force=force)
+
+    _print_result(_guard(go))
+
+
+@app.command("train")
+def train_cmd(
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last checkpoint.")
+    ] = False,
+) -> None:
+    """Train scVI exactly as configured (in memory or streamed from SOMA)."""
+
+    def go() -> Any:
+        from census_scvi.train import run_train
+
+        cfg = _load(config, set_)
+        return run_train(cfg, run_dir=_run_dir(cfg, run_dir), force=force, resume=resume)
+
+    _print_result(_guard(go))
+
+
+def _parse_shard(shard: str | None) -> tuple[int, int] | None:
+    if shard is None:
+        return None
+    try:
+        k, n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        msg = f"--shard '{shard}' is not K/N (e.g. 1/4)"
+        raise CensusScviError(msg) from None
+    if not 1 <= k <= n:
+        msg = f"--shard {shard}: K must be between 1 and N"
+        raise CensusScviError(msg)
+    return k, n
+
+
+@app.command("embed")
+def embed_cmd(
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    shard: Annotated[
+        str | None, typer.Option("--shard", help="Embed only shard K of N (e.g. 2/4).")
+    ] = None,
+    merge: Annotated[
+        bool, typer.Option("--merge", help="Check all shards are done; write outputs.")
+    ] = False,
+) -> None:
+    """Embed every selected cell with the trained model, in chunks, resumable."""
+
+    def go() -> Any:
+        from census_scvi.embed import run_embed
+
+        if shard is not None and merge:
+            msg = "--shard and --merge cannot be used together"
+            raise CensusScviError(msg, hint="run the shards first, then --merge once")
+        cfg = _load(config, set_)
+        return run_embed(
+            cfg, run_dir=_run_dir(cfg, run_dir), force=force, shard=_parse_shard(shard), merge=merge
+        )
+
+    _print_result(_guard(go))
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None, force: ForceOpt = False
+) -> None:
+    """Score the embedding (scib-metrics, classifiers), draw a UMAP, write a model card."""
+
+    def go() -> Any:
+        from census_scvi.evaluate import run_evaluate
+
+        cfg = _load(config, set_)
+        return run_evaluate(cfg, run_dir=_run_dir(cfg, run_dir), force=force)
+
+    _print_result(_guard(go))
+
+
+@app.command("run")
+def run_cmd(
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    from_: Annotated[
+        str | None, typer.Option("--from", help="First stage (prepare|train|embed|evaluate).")
+    ] = None,
+    to: Annotated[str | None, typer.Option("--to", help="Last stage.")] = None,
+) -> None:
+    """Run prepare -> train -> embed -> evaluate, skipping stages that are already done."""
+
+    def go() -> Any:
+        from census_scvi.pipeline import run_pipeline
+
+        cfg = _load(config, set_)
+        return run_pipeline(
+            cfg, run_dir=_run_dir(cfg, run_dir), from_stage=from_, to_stage=to, force=force
+        )
+
+    _print_result(_guard(go))
+
+
+@app.command("map")
+def map_cmd(
+    query: Annotated[Path, typer.Argument(help="h5ad of raw counts to map.")],
+    run: Annotated[Path, typer.Option("--run", help="Run directory with a trained model.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output h5ad.")],
+    gene_ids: Annotated[
+        str | None, typer.Option("--gene-ids", help="var column with Ensembl ids (default: index).")
+    ] = None,
+    labels: Annotated[
+        str, typer.Option("--labels", help="Reference obs column to transfer.")
+    ] = "cell_type",
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Map a user's dataset onto the model: latent, predicted labels with confidence, UMAP."""
+
+    def go() -> Any:
+        from census_scvi.mapping import run_map
+
+        return run_map(
+            query, run_dir=run, out=out, gene_ids=gene_ids, labels=labels,
+            overrides=set_ or [], force=force,
+        )  # fmt: skip
+
+    _print_result(_guard(go))
+
+
+@app.command("build-census")
+def build_census_cmd(
+    out_uri: Annotated[str, typer.Argument(help="Census root to create or append to.")],
+    h5ads: Annotated[list[Path], typer.Argument(help="Input h5ad files (one dataset each).")],
+    organism: Annotated[str, typer.Option("--organism", help="Organism.")] = "homo_sapiens",
+    gene_ids: Annotated[
+        str | None, typer.Option("--gene-ids", help="var column with Ensembl ids (default: index).")
+    ] = None,
+    counts_layer: Annotated[
+        str | None, typer.Option("--counts-layer", help="Layer with raw counts (default: X/.raw).")
+    ] = None,
+    columns: Annotated[
+        Path | None, typer.Option("--columns", help="YAML mapping census column: your column.")
+    ] = None,
+    append: Annotated[bool, typer.Option("--append", help="Add to an existing census.")] = False,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Replace datasets already present (with --append).")
+    ] = False,
+) -> None:
+    """Build a Census-schema SOMA experiment from h5ad files."""
+
+    def go() -> Any:
+        from census_scvi.build_census import build_census
+
+        return build_census(
+            out_uri, h5ads, organism=organism, gene_ids=gene_ids, counts_layer=counts_layer,
+            columns=columns, append=append, replace=replace,
+        )  # fmt: skip
+
+    _print_result(_guard(go))
+
+
+def main() -> None:
+    """Entry point of the ``census-scvi`` command."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,472 @@
+"""Typed, frozen, validated configuration (one YAML file, sections as in the original pipeline).
+
+The original ``scvi-config.yaml`` loads unchanged and every key in it is honoured. Unknown keys,
+wrong types and out-of-range values fail at load time with the section, the key, the value and the
+valid choices. Importing this module does not import torch.
+
+Examples
+--------
+>>> from census_scvi.config import load_config
+>>> cfg = load_config("configs/census.yaml", overrides=["train.max_epochs=5"])
+>>> cfg.train.max_epochs
+5
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from census_scvi._constants import CACHE_ENV
+from census_scvi._errors import CensusScviError
+
+__all__ = [
+    "AnnDataConfig",
+    "CensusConfig",
+    "Config",
+    "DemoConfig",
+    "EmbedConfig",
+    "EvaluateConfig",
+    "HvgConfig",
+    "MapConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "TrainConfig",
+    "TrainingPlanConfig",
+    "cache_dir",
+    "config_hash",
+    "default_config_path",
+    "dump_config",
+    "load_config",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DemoConfig(_Section):
+    """How to build the mini census when ``census.uri`` does not exist yet (demo config only)."""
+
+    cells: int = Field(20_000, gt=0, description="human cells; mouse gets a tenth")
+    genes: int = Field(2_000, gt=0, description="human genes; mouse gets half")
+    seed: int = Field(0, ge=0)
+
+
+class CensusConfig(_Section):
+    """Which census and which cells."""
+
+    organism: str = Field("homo_sapiens", description="'homo_sapiens' or 'Homo sapiens' style")
+    obs_query: str | None = Field(
+        None, description="extra obs filter (train on a subset; embed exactly these cells)"
+    )
+    obs_query_model: str = Field(
+        "is_primary_data == True and nnz >= 300",
+        description="filter for the cells the model is trained on",
+    )
+    version: str | None = Field(
+        "stable", description="Census release for cellxgene_census.open_soma (network)"
+    )
+    uri: str | None = Field(
+        None,
+        description="local path or URI of a SOMA census root; wins over version. "
+        "'{cache}' expands to the per-user cache folder",
+    )
+    demo: DemoConfig | None = Field(
+        None, description="if set and uri does not exist, build the mini census there first"
+    )
+
+    @field_validator("obs_query", "obs_query_model")
+    @classmethod
+    def _strip(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        v = v.strip()
+        return v or None
+
+
+class HvgConfig(_Section):
+    """Highly variable gene selection (Seurat v3 on raw counts, batched)."""
+
+    top_n_hvg: int = Field(8000, gt=0, description="number of HVGs to keep")
+    hvg_batch: list[str] = Field(
+        default_factory=lambda: ["suspension_type", "assay"],
+        description="obs columns whose combination is the HVG batch",
+    )
+    min_genes: int | None = Field(
+        None,
+        ge=0,
+        description="cells with fewer expressed genes (obs nnz) than this are left out of HVG "
+        "selection and training, i.e. 'nnz >= min_genes' is added to obs_query_model "
+        "(scanpy's filter_cells(min_genes=) meaning); null: no extra filter",
+    )
+
+
+class AnnDataConfig(_Section):
+    """The batch label and the prepared h5ad."""
+
+    batch_key: list[str] = Field(
+        default_factory=lambda: ["dataset_id", "assay", "suspension_type", "donor_id"],
+        min_length=1,
+        description="obs columns joined into the 'batch' label",
+    )
+    model_filename: str = Field("anndata_model.h5ad", description="prepared h5ad file name")
+    batch_key_separator: str = Field(
+        "//", description="separator between batch_key parts; '' reproduces the original labels"
+    )
+    write_hv_genes_pkl: bool = Field(
+        False, description="also write the original pipeline's prepare/hv_genes.pkl"
+    )
+
+
+class ModelConfig(_Section):
+    """scvi.model.SCVI arguments."""
+
+    filename: str = Field("scvi.model", description="model folder name under train/")
+    n_hidden: int = Field(128, gt=0)
+    n_latent: int = Field(10, gt=0)
+    n_layers: int = Field(1, gt=0)
+    dropout_rate: float = Field(0.1, ge=0.0, lt=1.0)
+    gene_likelihood: Literal["nb", "zinb", "poisson"] = "nb"
+    dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene"
+    latent_distribution: Literal["normal", "ln"] = "normal"
+    encode_covariates: bool = Field(
+        False, description="must stay false for embed/map of unseen batches"
+    )
+    deeply_inject_covariates: bool = True
+    use_batch_norm: Literal["encoder", "decoder", "none", "both"] = "both"
+    use_layer_norm: Literal["encoder", "decoder", "none", "both"] = "none"
+    var_activation: Literal["exp", "softplus"] = Field(
+        "exp", description="encoder variance activation; softplus avoids NaNs at scale"
+    )
+
+
+class TrainConfig(_Section):
+    """Trainer and data settings."""
+
+    max_epochs: int = Field(100, gt=0)
+    batch_size: int = Field(128, gt=0)
+    train_size: float = Field(0.9, gt=0.0, le=1.0)
+    early_stopping: bool = False
+    early_stopping_patience: int = Field(45, gt=0)
+    early_stopping_monitor: Literal[
+        "elbo_validation", "reconstruction_loss_validation", "kl_local_validation"
+    ] = "elbo_validation"
+    early_stopping_min_delta: float = Field(0.0, ge=0.0)
+    multi_gpu: bool = False
+    num_workers: int = Field(0, ge=0)
+    devices: int | list[int] | Literal["auto"] = "auto"
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    num_nodes: int = Field(1, gt=0)
+    strategy: str | None = Field(None, description="Lightning strategy; default ddp when >1 device")
+    mode: Literal["memory", "stream"] = Field(
+        "memory", description="memory: read prepare/anndata_model.h5ad; stream: read SOMA"
+    )
+    seed: int = Field(0, ge=0)
+    checkpoint_every_n_epochs: int = Field(1, gt=0)
+    stream_io_batch_size: int = Field(
+        65_536, gt=0, description="stream mode: cells read from SOMA per I/O batch"
+    )
+    stream_shuffle_chunk_size: int = Field(
+        64, gt=0, description="stream mode: contiguous cells per shuffle chunk"
+    )
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 1:
+            msg = f"devices={v} must be >= 1, a list of device indices, or 'auto'"
+            raise ValueError(msg)
+        if isinstance(v, list) and not v:
+            msg = "devices=[] is empty; give device indices, a count, or 'auto'"
+            raise ValueError(msg)
+        return v
+
+
+class TrainingPlanConfig(_Section):
+    """Keys passed to scvi-tools' TrainingPlan (``plan_kwargs``); others are rejected at load."""
+
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-6, ge=0.0)
+    eps: float = Field(0.01, gt=0.0)
+    optimizer: Literal["Adam", "AdamW"] = "Adam"
+    n_steps_kl_warmup: int | None = Field(None, ge=0)
+    n_epochs_kl_warmup: int | None = Field(400, ge=0)
+    reduce_lr_on_plateau: bool = False
+    lr_factor: float = Field(0.6, gt=0.0, lt=1.0)
+    lr_patience: int = Field(30, gt=0)
+    lr_threshold: float = Field(0.0, ge=0.0)
+    lr_scheduler_metric: Literal[
+        "elbo_validation", "reconstruction_loss_validation", "kl_local_validation"
+    ] = "elbo_validation"
+    lr_min: float = Field(0.0, ge=0.0)
+    max_kl_weight: float = Field(1.0, ge=0.0)
+    min_kl_weight: float = Field(0.0, ge=0.0)
+
+
+class EmbedConfig(_Section):
+    """Embedding every cell."""
+
+    chunk_size: int = Field(65_536, gt=0, description="cells per chunk read from SOMA")
+    batch_size: int = Field(4096, gt=0, description="cells per encoder forward pass")
+    write_soma: bool = Field(True, description="write embed/embedding.soma")
+    round_bfloat16: bool = Field(
+        False, description="round the SOMA embedding to bfloat16 precision, as the Census does"
+    )
+    write_minified_model: bool = Field(True, description="write embed/final_scvi_optimized/")
+    title: str = Field("census-scvi embedding", description="CxG_embedding_info title")
+    description: str = Field("scVI latent space (posterior mean) trained with census-scvi")
+    submitter_name: str = Field("unknown")
+    submitter_email: str = Field("unknown")
+    submitter_affiliation: str = Field("unknown")
+    doi: str = Field("", description="publication DOI, if any")
+
+
+class EvaluateConfig(_Section):
+    """Evaluation of the embedding."""
+
+    sample_size: int = Field(50_000, gt=0, description="stratified sample of embedded cells")
+    label_key: str = "cell_type"
+    batch_keys: list[str] = Field(
+        default_factory=lambda: ["dataset_id", "assay", "suspension_type"],
+        description="batch parts evaluated besides the batch label",
+    )
+    n_pcs: int = Field(50, gt=0, description="PCA baseline dimensions")
+    seed: int = Field(0, ge=0)
+
+
+class MapConfig(_Section):
+    """Mapping a user's dataset onto the model."""
+
+    n_neighbors: int = Field(15, gt=0)
+    warn_overlap: float = Field(0.8, ge=0.0, le=1.0, description="warn below this gene overlap")
+    min_overlap: float = Field(0.3, ge=0.0, le=1.0, description="refuse below this gene overlap")
+    unknown_threshold: float = Field(
+        0.5, ge=0.0, le=1.0, description="confidence under which the label is 'unknown'"
+    )
+    reference_sample_size: int = Field(50_000, gt=0, description="reference cells in the UMAP")
+
+
+class OutputConfig(_Section):
+    """Where runs go."""
+
+    run_dir: str = Field("census-scvi-runs/default", description="run directory (-o wins)")
+
+
+class Config(_Section):
+    """The whole configuration. Sections mirror the original ``scvi-config.yaml``."""
+
+    census: CensusConfig = Field(default_factory=CensusConfig)  # type: ignore[arg-type]
+    hvg: HvgConfig = Field(default_factory=HvgConfig)  # type: ignore[arg-type]
+    anndata: AnnDataConfig = Field(default_factory=AnnDataConfig)  # type: ignore[arg-type]
+    model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[arg-type]
+    train: TrainConfig = Field(default_factory=TrainConfig)  # type: ignore[arg-type]
+    training_plan: TrainingPlanConfig = Field(default_factory=TrainingPlanConfig)  # type: ignore[arg-type]
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)  # type: ignore[arg-type]
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)  # type: ignore[arg-type]
+    map: MapConfig = Field(default_factory=MapConfig)  # type: ignore[arg-type]
+    output: OutputConfig = Field(default_factory=OutputConfig)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        if self.census.uri is None and self.census.version is None:
+            msg = "census: set 'uri' (a local SOMA census) or 'version' (a Census release)"
+            raise ValueError(msg)
+        return self
+
+    # -- convenience -------------------------------------------------------------------------
+    def model_obs_filter(self) -> str:
+        """The obs value filter for the training cells.
+
+        ``obs_query_model``, ``obs_query`` and ``nnz >= hvg.min_genes``, each parenthesised and
+        joined by ``and``.
+        """
+        parts = [self.census.obs_query_model, self.census.obs_query]
+        if self.hvg.min_genes is not None:
+            parts.append(f"nnz >= {self.hvg.min_genes}")
+        return " and ".join(f"({p})" for p in parts if p)
+
+    def census_uri(self) -> str | None:
+        """``census.uri`` with ``{cache}`` and ``~`` expanded (None when unset)."""
+        if self.census.uri is None:
+            return None
+        uri = self.census.uri.replace("{cache}", str(cache_dir()))
+        if "://" not in uri:
+            uri = str(Path(uri).expanduser())
+        return uri
+
+
+# ------------------------------------------------------------------------------------------
+# loading
+# ------------------------------------------------------------------------------------------
+_SECTIONS: dict[str, type[_Section]] = {
+    name: field.annotation  # type: ignore[misc]
+    for name, field in Config.model_fields.items()
+}
+
+
+def cache_dir() -> Path:
+    """Per-user cache folder: ``$CENSUS_SCVI_CACHE``, else ``$XDG_CACHE_HOME/census-scvi``."""
+    if env := os.environ.get(CACHE_ENV):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
+    return Path(base) / "census-scvi"
+
+
+def default_config_path(name: str = "demo") -> Path:
+    """Path of a bundled config (``demo`` or ``census``)."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "configs", here.parents[1] / "configs"):
+        candidate = folder / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    msg = f"bundled config '{name}.yaml' not found next to the package"
+    raise CensusScviError(msg, hint="reinstall census-scvi")
+
+
+def _suggest(key: str, valid: Iterable[str]) -> str:
+    valid = list(valid)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    return "valid keys: " + ", ".join(sorted(valid))
+
+
+def _check_keys(raw: Mapping[str, Any]) -> None:
+    """Reject unknown sections/keys with a suggestion (friendlier than pydantic's message)."""
+    for section, body in raw.items():
+        if section not in _SECTIONS:
+            msg = f"unknown section '{section}'; {_suggest(section, _SECTIONS)}"
+            raise CensusScviError(msg)
+        if body is None:
+            continue
+        if not isinstance(body, Mapping):
+            msg = f"section '{section}' must be a mapping of keys to values, got {body!r}"
+            raise CensusScviError(msg)
+        fields = _SECTIONS[section].model_fields
+        for key in body:
+            if key not in fields:
+                msg = f"unknown key '{key}' in section '{section}'; {_suggest(str(key), fields)}"
+                raise CensusScviError(msg)
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
+    value = first.get("input")
+    text = first["msg"]
+    if first["type"] == "extra_forbidden":
+        return f"unknown key '{loc}'"
+    more = len(err.errors()) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"invalid value for '{loc}': {value!r}: {text}{suffix}"
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    if "=" not in item:
+        msg = f"--set '{item}' is not of the form section.key=value"
+        raise CensusScviError(msg, hint="e.g. --set train.max_epochs=5")
+    lhs, rhs = item.split("=", 1)
+    parts = lhs.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        msg = f"--set '{item}': the key must be section.key, got '{lhs}'"
+        raise CensusScviError(msg, hint="e.g. --set train.max_epochs=5")
+    try:
+        value = yaml.safe_load(rhs) if rhs.strip() else None
+    except yaml.YAMLError:
+        value = rhs
+    # a plain string for str fields: keep "2024-05-20" or "1e-4"-like text as the user typed it
+    section, key = parts
+    if section in _SECTIONS and key in _SECTIONS[section].model_fields:
+        ann = str(_SECTIONS[section].model_fields[key].annotation)
+        if ann in ("<class 'str'>", "str | None") and value is not None:
+            value = rhs
+    return section, key, value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        msg = f"config file not found: {path}"
+        raise CensusScviError(msg, hint="pass an existing YAML with -c, or omit -c for the demo")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        msg = f"config {path} is not valid YAML{where}: {problem}"
+        raise CensusScviError(msg) from None
+    if raw is None:
+        msg = f"config {path} is empty"
+        raise CensusScviError(msg, hint="start from configs/demo.yaml or configs/census.yaml")
+    if not isinstance(raw, dict):
+        msg = f"config {path} must be a mapping of sections, got {type(raw).__name__}: {raw!r:.60}"
+        raise CensusScviError(msg)
+    return raw
+
+
+def config_from_dict(raw: Mapping[str, Any], overrides: Iterable[str] = ()) -> Config:
+    """Validate a mapping (as read from YAML) plus ``section.key=value`` overrides."""
+    data: dict[str, dict[str, Any]] = {
+        str(k): dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()
+    }
+    _check_keys(data)
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        _check_keys({section: {key: value}})
+        body = data.get(section)
+        if not isinstance(body, dict):
+            body = {}
+            data[section] = body
+        body[key] = value
+    data = {k: v for k, v in data.items() if v is not None}
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise CensusScviError(_format_validation_error(e)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Load, validate and freeze a config.
+
+    Parameters
+    ----------
+    path
+        YAML file; ``None`` loads the bundled demo config.
+    overrides
+        ``section.key=value`` strings (values parsed as YAML, typed by the field).
+
+    Returns
+    -------
+    The validated, frozen :class:`Config`.
+
+    Examples
+    --------
+    >>> cfg = load_config(None, overrides=["model.n_latent=20"])
+    >>> cfg.model.n_latent
+    20
+    """
+    p = Path(path) if path is not None else default_config_path("demo")
+    return config_from_dict(_read_yaml(p), overrides)
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config (every default filled in) as YAML."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, default_flow_style=False)
+
+
+def config_hash(config: Config, sections: Iterable[str] | None = None) -> str:
+    """Stable hash of the whole config or of some sections (for manifests)."""
+    data = config.model_dump(mode="json")
+    if sections is not None:
+        data = {s: data[s] for s in sections}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
