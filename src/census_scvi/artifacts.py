@@ -89,7 +89,7 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         _remove(tmp)
         raise
     _remove(final)
-    os.replace(tmp, final)
+    tmp.replace(final)
 
 
 def _remove(path: Path) -> None:

@@ -56,7 +56,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help="More logs.")] = 0,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only warnings and results.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("-q", "--quiet", help="Only warnings and results.")
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Full tracebacks on errors.")] = False,
     version: Annotated[
         bool,
@@ -143,7 +145,10 @@ def config_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 @app.command("prepare")
 def prepare_cmd(
-    config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None, force: ForceOpt = False
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Select cells and highly variable genes; write the training data (mode memory)."""
 
@@ -222,7 +227,10 @@ def embed_cmd(
 
 @app.command("evaluate")
 def evaluate_cmd(
-    config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None, force: ForceOpt = False
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Score the embedding (scib-metrics, classifiers), draw a UMAP, write a model card."""
 

@@ -435,7 +435,9 @@ def config_from_dict(raw: Mapping[str, Any], overrides: Iterable[str] = ()) -> C
         raise CensusScviError(_format_validation_error(e)) from None
 
 
-def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = ()) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = ()
+) -> Config:
     """Load, validate and freeze a config.
 
     Parameters

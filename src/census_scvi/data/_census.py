@@ -17,7 +17,13 @@ if TYPE_CHECKING:
 
     from census_scvi.config import Config
 
-__all__ = ["experiment_name", "get_experiment", "open_census", "open_census_uri"]
+__all__ = [
+    "ensure_demo_census",
+    "experiment_name",
+    "get_experiment",
+    "open_census",
+    "open_census_uri",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +80,8 @@ def open_census(
     """
     uri = config.census_uri()
     if uri is not None:
+        if config.census.demo is not None and "://" not in uri and not Path(uri).exists():
+            ensure_demo_census(uri, config)
         census = open_census_uri(uri, tiledb_config=tiledb_config)
     else:
         census = _open_version(str(config.census.version), tiledb_config)
@@ -81,6 +89,20 @@ def open_census(
         yield census
     finally:
         census.close()
+
+
+def ensure_demo_census(uri: str, config: Config) -> None:
+    """Build the mini census at ``uri`` (the demo config's cache folder) on first use."""
+    from census_scvi.data.demo import make_mini_census
+
+    demo = config.census.demo
+    assert demo is not None
+    logger.info("building the mini census at %s (first use; %d cells)", uri, demo.cells)
+    try:
+        make_mini_census(uri, n_cells=demo.cells, n_genes=demo.genes, seed=demo.seed)
+    except CensusScviError:
+        if not Path(uri).exists():  # another process may have built it meanwhile
+            raise
 
 
 def _open_version(version: str, tiledb_config: dict[str, Any] | None) -> soma.Collection:

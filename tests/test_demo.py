@@ -1,0 +1,247 @@
+"""The mini census: Census layout and schema, statistics equal to X, real structure, determinism."""
+
+from __future__ import annotations
+
+import cellxgene_census
+import numpy as np
+import pyarrow as pa
+import pytest
+import scipy.sparse as sp
+import tiledbsoma as soma
+from typer.testing import CliRunner
+
+from census_scvi import CensusScviError, load_config
+from census_scvi.cli import app
+from census_scvi.data import get_experiment, open_census
+from census_scvi.data.demo import make_mini_census
+
+OBS_STRING = [
+    "dataset_id", "assay", "assay_ontology_term_id", "cell_type", "cell_type_ontology_term_id",
+    "development_stage", "disease", "donor_id", "observation_joinid", "self_reported_ethnicity",
+    "sex", "suspension_type", "tissue", "tissue_general", "tissue_type",
+]  # fmt: skip
+OBS_TYPES = {
+    "soma_joinid": pa.int64(),
+    "is_primary_data": pa.bool_(),
+    "raw_sum": pa.float32(),
+    "nnz": pa.int64(),
+    "raw_mean_nnz": pa.float32(),
+    "raw_variance_nnz": pa.float32(),
+    "n_measured_vars": pa.int64(),
+}
+VAR_TYPES = {
+    "soma_joinid": pa.int64(),
+    "feature_length": pa.int64(),
+    "nnz": pa.int64(),
+    "n_measured_obs": pa.int64(),
+}
+
+
+def _is_string(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _read_x(exp) -> sp.csr_matrix:
+    x = exp.ms["RNA"].X["raw"]
+    tbl = x.read().tables().concat()
+    n_obs, n_var = x.shape
+    return sp.csr_matrix(
+        (
+            tbl["soma_data"].to_numpy(),
+            (tbl["soma_dim_0"].to_numpy(), tbl["soma_dim_1"].to_numpy()),
+        ),
+        shape=(n_obs, n_var),
+    )
+
+
+def test_get_anndata_returns_exactly_the_reported_model_cells(mini_census, mini_census_result):
+    with cellxgene_census.open_soma(uri=mini_census) as census:
+        adata = cellxgene_census.get_anndata(
+            census, "Homo sapiens", obs_value_filter="is_primary_data == True and nnz >= 300"
+        )
+    expected = mini_census_result.organisms["homo_sapiens"].model_cells
+    np.testing.assert_array_equal(np.sort(adata.obs["soma_joinid"].to_numpy()), expected)
+    assert 0 < len(expected) < mini_census_result.organisms["homo_sapiens"].n_cells
+
+
+def test_layout_and_schema_types(mini_census):
+    with cellxgene_census.open_soma(uri=mini_census) as census:
+        assert set(census["census_info"].keys()) >= {"summary", "datasets", "summary_cell_counts"}
+        assert set(census["census_data"].keys()) == {"homo_sapiens", "mus_musculus"}
+        for org in ("homo_sapiens", "mus_musculus"):
+            exp = census["census_data"][org]
+            assert exp.ms["RNA"].X["raw"].schema.field("soma_data").type == pa.float32()
+            obs_schema = exp.obs.schema
+            for col in OBS_STRING:
+                assert _is_string(obs_schema.field(col).type), (org, col)
+            for col, t in OBS_TYPES.items():
+                assert obs_schema.field(col).type == t, (org, col)
+            var_schema = exp.ms["RNA"].var.schema
+            for col in ("feature_id", "feature_name"):
+                assert _is_string(var_schema.field(col).type)
+            for col, t in VAR_TYPES.items():
+                assert var_schema.field(col).type == t, (org, col)
+        summary = census["census_info"]["summary"].read().concat().to_pandas()
+        assert {"census_schema_version", "total_cell_count"} <= set(summary["label"])
+
+
+def test_categories_read_back(mini_census):
+    """tiledbsoma 2.3.0 pitfall: enumeration columns written through the wrong handle read empty."""
+    with cellxgene_census.open_soma(uri=mini_census) as census:
+        obs = census["census_data"]["homo_sapiens"].obs.read().concat().to_pandas()
+    assert obs["cell_type"].dtype == "category"
+    assert obs["cell_type"].nunique() == 10
+    assert obs["dataset_id"].notna().all()
+    assert set(obs["assay"].cat.categories) == {"10x 3' v2", "10x 3' v3", "10x 5' v1", "Smart-seq2"}
+
+
+@pytest.mark.parametrize("organism", ["homo_sapiens", "mus_musculus"])
+def test_computed_columns_equal_values_from_x(mini_census, organism):
+    with cellxgene_census.open_soma(uri=mini_census) as census:
+        exp = census["census_data"][organism]
+        obs = exp.obs.read().concat().to_pandas().set_index("soma_joinid").sort_index()
+        var = exp.ms["RNA"].var.read().concat().to_pandas().set_index("soma_joinid").sort_index()
+        X = _read_x(exp)
+    dense = X.toarray().astype(np.float64)
+    nnz = (dense > 0).sum(axis=1)
+    np.testing.assert_array_equal(obs["nnz"].to_numpy(), nnz)
+    np.testing.assert_allclose(obs["raw_sum"].to_numpy(), dense.sum(axis=1), rtol=1e-6)
+    masked = np.where(dense > 0, dense, np.nan)
+    with np.errstate(all="ignore"):
+        mean = np.nanmean(masked, axis=1)
+        var_ = np.nanvar(masked, axis=1, ddof=1)
+    np.testing.assert_allclose(obs["raw_mean_nnz"].to_numpy(), np.nan_to_num(mean), rtol=1e-5)
+    np.testing.assert_allclose(
+        obs["raw_variance_nnz"].to_numpy(), np.nan_to_num(var_), rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_array_equal(var["nnz"].to_numpy(), (dense > 0).sum(axis=0))
+    # n_measured_obs: cells of datasets that measure the gene; each cell measures n_measured_vars
+    assert (var["n_measured_obs"] <= len(obs)).all()
+    assert (var["n_measured_obs"] >= var["nnz"]).all()
+    assert var["n_measured_obs"].sum() == obs["n_measured_vars"].sum()
+    assert (obs["n_measured_vars"] <= len(var)).all()
+    assert (obs["n_measured_vars"] >= obs["nnz"]).all()
+
+
+def test_design_features(mini_census):
+    with cellxgene_census.open_soma(uri=mini_census) as census:
+        obs = census["census_data"]["homo_sapiens"].obs.read().concat().to_pandas()
+        X = _read_x(census["census_data"]["homo_sapiens"])
+    primary = obs[obs["is_primary_data"]]
+    assert primary["dataset_id"].nunique() >= 6
+    assert primary["assay"].nunique() == 4
+    assert set(primary["suspension_type"]) == {"cell", "nucleus"}
+    assert primary["donor_id"].nunique() > primary["dataset_id"].nunique()
+    frac_dup = 1 - obs["is_primary_data"].mean()
+    assert 0.07 < frac_dup < 0.13
+    assert 0.005 < (obs["nnz"] < 300).mean() < 0.08
+    # non-primary cells duplicate a primary cell of another dataset: same counts, same joinid key
+    dups = obs[~obs["is_primary_data"]]
+    by_key = primary.set_index("observation_joinid")
+    for _, row in dups.head(20).iterrows():
+        src = by_key.loc[row["observation_joinid"]]
+        assert src["dataset_id"] != row["dataset_id"]
+        assert (X[int(row["soma_joinid"])] != X[int(src["soma_joinid"])]).nnz == 0
+    # composition differs between datasets
+    comp = primary.groupby("dataset_id", observed=True)["cell_type"].value_counts(normalize=True)
+    spread = comp.unstack().fillna(0).std(axis=0)
+    assert spread.max() > 0.05
+
+
+def test_structure_cell_types_separate_and_batches_are_visible(mini_census):
+    import scanpy as sc
+    from sklearn.model_selection import cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    with cellxgene_census.open_soma(uri=mini_census) as census:
+        adata = cellxgene_census.get_anndata(
+            census, "Homo sapiens", obs_value_filter="is_primary_data == True and nnz >= 300"
+        )
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    sc.pp.pca(adata, n_comps=30, random_state=0)
+    knn = KNeighborsClassifier(n_neighbors=15)
+    acc_type = cross_val_score(knn, adata.obsm["X_pca"], adata.obs["cell_type"], cv=3).mean()
+    acc_ds = cross_val_score(knn, adata.obsm["X_pca"], adata.obs["dataset_id"], cv=3).mean()
+    chance_ds = adata.obs["dataset_id"].value_counts(normalize=True).max()
+    assert acc_type >= 0.8, acc_type
+    assert acc_ds >= chance_ds + 0.25, (acc_ds, chance_ds)
+
+
+def _arrays(path):
+    with cellxgene_census.open_soma(uri=str(path)) as census:
+        exp = census["census_data"]["homo_sapiens"]
+        obs = exp.obs.read().concat().to_pandas()
+        return _read_x(exp), obs
+
+
+def test_deterministic_per_seed(tmp_path):
+    a = make_mini_census(tmp_path / "a", n_cells=300, n_genes=150, seed=3)
+    b = make_mini_census(tmp_path / "b", n_cells=300, n_genes=150, seed=3)
+    c = make_mini_census(tmp_path / "c", n_cells=300, n_genes=150, seed=4)
+    xa, oa = _arrays(a.path)
+    xb, ob = _arrays(b.path)
+    xc, _ = _arrays(c.path)
+    assert (xa != xb).nnz == 0
+    assert oa.equals(ob)
+    assert (xa != xc).nnz > 0
+
+
+def test_refuses_existing_path_and_bad_sizes(tmp_path):
+    make_mini_census(tmp_path / "m", n_cells=200, n_genes=120)
+    with pytest.raises(CensusScviError, match="already exists"):
+        make_mini_census(tmp_path / "m", n_cells=200, n_genes=120)
+    make_mini_census(tmp_path / "m", n_cells=200, n_genes=120, force=True)
+    with pytest.raises(CensusScviError, match="at least 100"):
+        make_mini_census(tmp_path / "z", n_cells=10, n_genes=120)
+    assert not (tmp_path / "z").exists()
+
+
+def test_cli_demo_data_prints_summary(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    res = runner.invoke(app, ["demo-data", str(out), "--cells", "400", "--genes", "150"])
+    assert res.exit_code == 0, res.output
+    assert "homo_sapiens: 400 cells x 150 genes" in res.stdout
+    assert "datasets" in res.stdout and "cell types" in res.stdout
+    res = runner.invoke(app, ["demo-data", str(out), "--cells", "400", "--genes", "150"])
+    assert res.exit_code == 2
+    assert "already exists" in res.stderr
+
+
+def test_open_census_organism_names(mini_census):
+    cfg = load_config(None, overrides=[f"census.uri={mini_census}"])
+    with open_census(cfg) as census:
+        a = get_experiment(census, "Homo sapiens")
+        b = get_experiment(census, "homo_sapiens")
+        assert a.uri == b.uri
+        with pytest.raises(CensusScviError, match="present: homo_sapiens, mus_musculus"):
+            get_experiment(census, "danio rerio")
+
+
+def test_open_census_missing_uri_and_offline_version(tmp_path, monkeypatch):
+    cfg = load_config(None, overrides=[f"census.uri={tmp_path / 'nope'}", "census.demo=null"])
+    with pytest.raises(CensusScviError, match="does not exist"), open_census(cfg):
+        pass
+
+    def offline(**kwargs):
+        raise ValueError("The Census version 'x' is not valid. Cannot resolve mirror.")
+
+    monkeypatch.setattr(cellxgene_census, "open_soma", offline)
+    cfg = load_config(None, overrides=["census.uri=null", "census.version=1999-01-01"])
+    with pytest.raises(CensusScviError) as e, open_census(cfg):
+        pass
+    assert "census.uri" in str(e.value) and "1999-01-01" in str(e.value)
+
+
+def test_demo_config_builds_mini_census_on_first_use(tmp_path):
+    uri = tmp_path / "auto-census"
+    cfg = load_config(
+        None, overrides=[f"census.uri={uri}", "census.demo={cells: 300, genes: 120, seed: 1}"]
+    )
+    with open_census(cfg) as census:
+        assert isinstance(census, soma.Collection)
+        assert census["census_data"]["homo_sapiens"].obs.count == 300
+    assert uri.exists()
