@@ -26,6 +26,8 @@ import datetime as _dt
 import logging
 import os
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -491,26 +493,37 @@ def _write_experiment(
     is_dup = d.dup_source >= 0
     comp_idx = len(d.datasets) - 1
     obs_ds = np.where(is_dup, comp_idx, d.cell_dataset)
-    starts = range(0, d.n_cells, BLOCK_CELLS)
-    for start in track(starts, description=f"{d.organism} X", total=len(starts)):
+
+    def block(start: int) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
         stop = min(start + BLOCK_CELLS, d.n_cells)
         counts = _block_counts(d, start, stop, seed)
         r, c = np.nonzero(counts)
-        v = counts[r, c]
-        rows = r.astype(np.int64) + start
-        nnz[start:stop] = np.bincount(r, minlength=stop - start)
-        raw_sum[start:stop] = np.bincount(r, weights=v, minlength=stop - start)
-        sq_sum[start:stop] = np.bincount(
-            r, weights=v.astype(np.float64) ** 2, minlength=stop - start
-        )
-        var_nnz += np.bincount(c, minlength=d.n_genes)
-        presence[obs_ds[rows], c] = True
-        buf_r.append(rows)
-        buf_c.append(c.astype(np.int64))
-        buf_v.append(v)
-        buffered += len(v)
-        if buffered >= _WRITE_NNZ:
-            flush()
+        return start, stop, r, c, counts[r, c]
+
+    starts = range(0, d.n_cells, BLOCK_CELLS)
+    # numpy's samplers release the GIL: two blocks in flight use both cores; results arrive in
+    # order, so the output does not depend on the thread timing.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending: deque[Future[Any]] = deque()
+        it = iter(starts)
+        for _ in track(starts, description=f"{d.organism} X", total=len(starts)):
+            while len(pending) < 3 and (nxt := next(it, None)) is not None:
+                pending.append(pool.submit(block, nxt))
+            start, stop, r, c, v = pending.popleft().result()
+            rows = r.astype(np.int64) + start
+            nnz[start:stop] = np.bincount(r, minlength=stop - start)
+            raw_sum[start:stop] = np.bincount(r, weights=v, minlength=stop - start)
+            sq_sum[start:stop] = np.bincount(
+                r, weights=v.astype(np.float64) ** 2, minlength=stop - start
+            )
+            var_nnz += np.bincount(c, minlength=d.n_genes)
+            presence[obs_ds[rows], c] = True
+            buf_r.append(rows)
+            buf_c.append(c.astype(np.int64))
+            buf_v.append(v)
+            buffered += len(v)
+            if buffered >= _WRITE_NNZ:
+                flush()
     flush()
     x.close()
 
