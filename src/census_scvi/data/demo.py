@@ -49,7 +49,7 @@ __all__ = ["MiniCensusResult", "OrganismSummary", "make_mini_census"]
 logger = logging.getLogger(__name__)
 
 BLOCK_CELLS = 2048  # cells per seeded generation block (fixed: part of the determinism contract)
-_WRITE_NNZ = 16_000_000  # buffered non-zeros per X write (few, large TileDB fragments)
+_WRITE_NNZ = 4_000_000  # buffered non-zeros per X write (bounded memory, few fragments)
 NNZ_MIN = 300  # the Census model filter threshold the low-quality cells fall under
 
 # (class, [(cell type, CL id), ...])
