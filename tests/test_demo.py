@@ -245,3 +245,16 @@ def test_demo_config_builds_mini_census_on_first_use(tmp_path):
         assert isinstance(census, soma.Collection)
         assert census["census_data"]["homo_sapiens"].obs.count == 300
     assert uri.exists()
+
+
+def test_presence_matrix_rows_are_dataset_joinids(mini_census):
+    """Rows index census_info/datasets (shared by both organisms); True where a gene has counts."""
+    with cellxgene_census.open_soma(uri=mini_census) as census:
+        datasets = census["census_info"]["datasets"].read().concat().to_pandas()
+        for org in ("homo_sapiens", "mus_musculus"):
+            exp = census["census_data"][org]
+            pm = exp.ms["RNA"]["feature_dataset_presence_matrix"].read().tables().concat()
+            rows = np.unique(pm["soma_dim_0"].to_numpy())
+            obs = exp.obs.read(column_names=["dataset_id"]).concat().to_pandas()
+            ids = set(datasets.set_index("soma_joinid").loc[rows, "dataset_id"])
+            assert ids == set(obs["dataset_id"].unique()), org

@@ -452,8 +452,9 @@ def _var_table(d: _Design, var_nnz: npt.NDArray[np.int64]) -> pa.Table:
 
 
 def _write_experiment(
-    census_data: soma.Collection, d: _Design, seed: int, nnz_min: int
+    census_data: soma.Collection, d: _Design, seed: int, nnz_min: int, *, ds_offset: int, n_ds: int
 ) -> OrganismSummary:
+    """Write one organism; presence-matrix rows are census_info/datasets soma_joinids."""
     import pyarrow as pa
     import tiledbsoma as soma
 
@@ -540,8 +541,9 @@ def _write_experiment(
     _create_dataframe(rna, "var", _var_table(d, var_nnz))
 
     pr, pc = np.nonzero(presence)
+    pr = pr + ds_offset  # the datasets table is shared by both organisms
     pm = rna.add_new_sparse_ndarray(
-        "feature_dataset_presence_matrix", type=pa.bool_(), shape=presence.shape
+        "feature_dataset_presence_matrix", type=pa.bool_(), shape=(n_ds, d.n_genes)
     )
     if len(pr):
         pm.write(
@@ -707,9 +709,14 @@ def make_mini_census(
             census.metadata["census_scvi_mini_census"] = f"seed={seed}"
             _census_info(census, designs, seed)
             data = census.add_new_collection(CENSUS_DATA)
+            n_ds = sum(len(d.datasets) for d in designs)
+            offset = 0
             for d in designs:
                 logger.info("writing %s: %d cells x %d genes", d.organism, d.n_cells, d.n_genes)
-                summaries[d.organism] = _write_experiment(data, d, seed, NNZ_MIN)
+                summaries[d.organism] = _write_experiment(
+                    data, d, seed, NNZ_MIN, ds_offset=offset, n_ds=n_ds
+                )
+                offset += len(d.datasets)
     return MiniCensusResult(
         path=path, seed=seed, organisms=summaries, seconds=time.perf_counter() - t0
     )
