@@ -1,0 +1,243 @@
+"""The whole pipeline: prepare -> train -> embed -> evaluate, skipping stages already done.
+
+Each stage decides by itself whether its ``manifest.json`` matches its config and inputs (then it
+returns a "skipped" result at once), so a rerun after a crash or a config change redoes exactly
+the stages whose inputs changed: a new model changes embed's inputs, a new embedding evaluate's.
+``evaluate`` runs when the ``census_scvi.evaluate`` module is available.
+
+Examples
+--------
+>>> from census_scvi.config import load_config
+>>> from census_scvi.pipeline import run_pipeline
+>>> result = run_pipeline(load_config(None), run_dir="census-scvi-runs/demo")  # doctest: +SKIP
+>>> print(result.summary())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from census_scvi._constants import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    EMBED_DIR,
+    EVALUATE_DIR,
+    LATENT_FILE,
+    MANIFEST_FILE,
+    REPORT_FILE,
+    STAGES,
+    TRAIN_DIR,
+)
+from census_scvi._errors import CensusScviError
+from census_scvi.artifacts import write_run_config
+
+if TYPE_CHECKING:
+    from census_scvi.config import Config
+
+__all__ = ["PipelineResult", "StageRun", "run_pipeline", "stage_range"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageRun:
+    """One stage's result within a pipeline run."""
+
+    stage: str
+    result: Any
+    seconds: float
+
+    @property
+    def skipped(self) -> bool:
+        return bool(getattr(self.result, "skipped", False))
+
+
+@dataclass
+class PipelineResult:
+    """What ``run_pipeline`` did: the stages run (or skipped) in order."""
+
+    run_dir: Path
+    stages: list[StageRun] = field(default_factory=list)
+    seconds: float = 0.0
+    unavailable: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """Where the outputs are and each stage's key figures."""
+        ran = [s.stage for s in self.stages if not s.skipped]
+        skipped = [s.stage for s in self.stages if s.skipped]
+        head = f"census-scvi run: {len(ran)} stage(s) run"
+        if skipped:
+            head += f", {len(skipped)} up to date ({', '.join(skipped)})"
+        lines = [f"{head} in {self.seconds:.1f} s", f"run directory: {self.run_dir.resolve()}"]
+        for s in self.stages:
+            text = s.result.summary() if hasattr(s.result, "summary") else str(s.result)
+            timing = "" if s.skipped else f" [{s.seconds:.1f} s]"
+            first, *rest = text.splitlines() or [s.stage]
+            lines.append(f"  {first}{timing}")
+            lines.extend(f"  {line}" for line in rest)
+        for stage in self.unavailable:
+            lines.append(f"  {stage}: not available in this installation, not run")
+        key_files = [
+            self.run_dir / CONFIG_FILE,
+            self.run_dir / TRAIN_DIR,
+            self.run_dir / EMBED_DIR / LATENT_FILE,
+            self.run_dir / EVALUATE_DIR / REPORT_FILE,
+        ]
+        present = [str(p) for p in key_files if p.exists()]
+        if present:
+            lines.append("outputs: " + ", ".join(present))
+        return "\n".join(lines)
+
+
+def _available(stage: str) -> bool:
+    return importlib.util.find_spec(f"census_scvi.{stage}") is not None
+
+
+def stage_range(
+    from_stage: str | None, to_stage: str | None, *, available: Callable[[str], bool] = _available
+) -> tuple[list[str], list[str]]:
+    """The stages to run, in order, and the optional ones left out as not installed.
+
+    Parameters
+    ----------
+    from_stage, to_stage
+        First and last stage (``prepare``, ``train``, ``embed``, ``evaluate``); None for the ends.
+    available
+        Whether a stage's module can be imported (only ``evaluate`` is optional).
+
+    Returns
+    -------
+    ``(stages, unavailable)``.
+    """
+    names = {}
+    for flag, value in (("--from", from_stage), ("--to", to_stage)):
+        if value is None:
+            continue
+        name = value.strip().lower()
+        if name not in STAGES:
+            msg = f"{flag} '{value}' is not a stage; valid stages: {', '.join(STAGES)}"
+            raise CensusScviError(msg)
+        names[flag] = name
+    first = STAGES.index(names.get("--from", STAGES[0]))
+    last = STAGES.index(names.get("--to", STAGES[-1]))
+    if first > last:
+        msg = f"--from {names['--from']} comes after --to {names['--to']}"
+        raise CensusScviError(msg, hint=f"stages run in this order: {' -> '.join(STAGES)}")
+    stages = list(STAGES[first : last + 1])
+    unavailable = []
+    if "evaluate" in stages and not available("evaluate"):
+        if names.get("--to") == "evaluate" or names.get("--from") == "evaluate":
+            msg = "the evaluate stage is not available in this installation"
+            raise CensusScviError(msg, hint="install census-scvi[eval]")
+        stages.remove("evaluate")
+        unavailable.append("evaluate")
+    return stages, unavailable
+
+
+def _is_global_zero() -> bool:
+    """False in a process a launcher (Lightning DDP, SLURM) started as another rank."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
+        try:
+            if int(os.environ.get(var, "0") or 0) != 0:
+                return False
+        except ValueError:
+            continue
+    return True
+
+
+def _train_interrupted(run_dir: Path) -> bool:
+    """A training run left checkpoints but no manifest: continue it rather than refuse."""
+    try:
+        from census_scvi._train_callbacks import LAST_CHECKPOINT
+    except ImportError:  # pragma: no cover - depends on the train module's internals
+        LAST_CHECKPOINT = "last.ckpt"
+    train_dir = run_dir / TRAIN_DIR
+    return (train_dir / CHECKPOINTS_DIR / LAST_CHECKPOINT).is_file() and not (
+        train_dir / MANIFEST_FILE
+    ).is_file()
+
+
+def _run_stage(stage: str, config: Config, run_dir: Path, force: bool) -> Any:
+    if stage == "prepare":
+        from census_scvi.prepare import run_prepare
+
+        return run_prepare(config, run_dir=run_dir, force=force)
+    if stage == "train":
+        from census_scvi.train import run_train
+
+        resume = not force and _train_interrupted(run_dir)
+        if resume:
+            logger.info("train: continuing the interrupted run from its last checkpoint")
+        return run_train(config, run_dir=run_dir, force=force, resume=resume)
+    if stage == "embed":
+        from census_scvi.embed import run_embed
+
+        return run_embed(config, run_dir=run_dir, force=force)
+    if stage == "evaluate":
+        from census_scvi.evaluate import run_evaluate
+
+        return run_evaluate(config, run_dir=run_dir, force=force)
+    msg = f"unknown stage {stage!r}"  # pragma: no cover - stage_range validated it
+    raise CensusScviError(msg)
+
+
+def run_pipeline(
+    config: Config,
+    *,
+    run_dir: str | os.PathLike[str],
+    from_stage: str | None = None,
+    to_stage: str | None = None,
+    force: bool = False,
+) -> PipelineResult:
+    """Run the stages from ``from_stage`` to ``to_stage`` in order.
+
+    Parameters
+    ----------
+    config
+        The resolved config (``census-scvi run`` without ``-c`` uses the demo config, whose mini
+        census is built in the cache on first use).
+    run_dir
+        The run directory (``config.yaml``, ``prepare/``, ``train/``, ``embed/``,
+        ``evaluate/``).
+    from_stage, to_stage
+        First and last stage to run (default: all of ``prepare, train, embed, evaluate``).
+        Stages before ``from_stage`` must be finished already.
+    force
+        Redo the selected stages even when their manifests match.
+
+    Returns
+    -------
+    A :class:`PipelineResult` (``.summary()`` lists outputs and key figures).
+    """
+    from census_scvi.config import dump_config
+
+    stages, unavailable = stage_range(from_stage, to_stage)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        msg = "census-scvi run cannot itself be started by torchrun (every rank would prepare)"
+        raise CensusScviError(
+            msg, hint="run 'census-scvi prepare' once, then torchrun the train and embed commands"
+        )
+    worker = not _is_global_zero()
+    if worker and "train" in stages:
+        # a process Lightning's DDP launcher started re-runs this command: it joins training
+        # (prepare is already done, so skipped) and stops; rank 0 goes on with embed/evaluate
+        stages = stages[: stages.index("train") + 1]
+    run_dir = Path(run_dir)
+    if not worker:
+        write_run_config(run_dir, dump_config(config))
+    result = PipelineResult(run_dir=run_dir, unavailable=unavailable)
+    t0 = time.perf_counter()
+    for stage in stages:
+        logger.info("census-scvi run: %s", stage)
+        t = time.perf_counter()
+        stage_result = _run_stage(stage, config, run_dir, force)
+        result.stages.append(StageRun(stage, stage_result, time.perf_counter() - t))
+    result.seconds = time.perf_counter() - t0
+    return result
