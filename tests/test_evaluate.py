@@ -1,0 +1,147 @@
+"""The evaluate stage: scVI vs an unintegrated PCA baseline on the mini census, outputs, skip,
+errors, and the small library functions against simple oracles."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from _evalmap_fixtures import reference_run, tiny_config
+from census_scvi._errors import CensusScviError
+from census_scvi.cli import app
+from census_scvi.config import dump_config
+from census_scvi.evaluate import classifier_accuracy, run_evaluate, stratified_sample
+
+
+@pytest.fixture(scope="module")
+def evaluated(mini_census, tmp_path_factory):
+    run_dir = reference_run(mini_census, str(tmp_path_factory.getbasetemp()))
+    cfg = tiny_config(mini_census)
+    result = run_evaluate(cfg, run_dir=run_dir, force=True)
+    return run_dir, cfg, result
+
+
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_scvi_beats_pca_on_batch_correction_and_keeps_biology(evaluated):
+    _, _, result = evaluated
+    agg = result.metrics["aggregate"]
+    scvi, pca = agg["scVI"], agg["PCA"]
+    assert scvi["Batch correction"] > pca["Batch correction"], agg
+    assert scvi["Bio conservation"] >= 0.9 * pca["Bio conservation"], agg
+    # the parts of the batch label are scored too, each with its own batch-correction aggregate
+    for key in ("batch", "dataset_id", "assay", "suspension_type"):
+        assert key in result.metrics["scib"], result.metrics["scib"].keys()
+        assert "Batch correction" in result.metrics["scib"][key]["scVI"]
+    assert (
+        result.metrics["scib"]["dataset_id"]["scVI"]["Batch correction"]
+        > (result.metrics["scib"]["dataset_id"]["PCA"]["Batch correction"])
+    )
+    # cell types stay predictable from the latent (the simulation's ground truth)
+    assert result.metrics["classifier"]["scVI"]["knn_accuracy"] > 0.85
+    assert result.metrics["classifier"]["scVI"]["logreg_accuracy"] > 0.85
+
+
+@pytest.mark.slow
+def test_outputs_report_card_picture_manifest(evaluated, mini_census):
+    run_dir, _, result = evaluated
+    ev = run_dir / "evaluate"
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert metrics["aggregate"] == result.metrics["aggregate"]
+    n_embedded = np.load(run_dir / "embed" / "latent-idx.npy").size
+    assert metrics["n_cells_embedded"] == n_embedded
+    assert metrics["n_cells_sampled"] == min(1500, n_embedded)
+    assert metrics["n_genes"] == 500 and metrics["label_key"] == "cell_type"
+    assert "kbet_per_label" in metrics["metrics_skipped"]
+
+    report = (ev / "report.md").read_text()
+    assert "| score | scVI | PCA |" in report
+    for line in ("**Batch correction**", "**Bio conservation**", "- **iLISI**:", "- **BRAS**:",
+                 "- **cLISI**:", "Classifier accuracy"):  # fmt: skip
+        assert line in report, line
+
+    card = (ev / "model_card.md").read_text()
+    for text in (mini_census, "Training cells: 2,144", "Genes (highly variable, model inputs): 500",
+                 "scvi-tools", "scib-metrics", "## Intended use", "## Limits", "elbo_train"):  # fmt: skip
+        assert text in card, text
+
+    png = (ev / "umap.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000
+
+    manifest = json.loads((ev / "manifest.json").read_text())
+    assert manifest["stage"] == "evaluate"
+    assert set(manifest["outputs"]) == {"metrics.json", "report.md", "umap.png", "model_card.md"}
+    assert manifest["figures"]["n_cells_sampled"] == metrics["n_cells_sampled"]
+    assert "model" in manifest["inputs"]
+
+
+@pytest.mark.slow
+def test_second_run_is_skipped_and_cli_prints_scores(evaluated, tmp_path):
+    run_dir, cfg, result = evaluated
+    again = run_evaluate(cfg, run_dir=run_dir)
+    assert again.skipped and again.metrics["aggregate"] == result.metrics["aggregate"]
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(dump_config(cfg))
+    res = CliRunner().invoke(app, ["-q", "evaluate", "-c", str(cfg_path), "-o", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    assert "skipped" in res.output and "bio conservation" in res.output
+    assert f"{result.metrics['aggregate']['scVI']['Total']:.3f}" in res.output
+
+
+def test_missing_model_or_embedding_names_the_fix(tmp_path, mini_census):
+    cfg = tiny_config(mini_census)
+    with pytest.raises(CensusScviError, match="no trained model") as e:
+        run_evaluate(cfg, run_dir=tmp_path / "nothing")
+    assert "census-scvi train" in str(e.value)
+
+
+def test_unknown_metric_name_is_rejected(mini_census):
+    with pytest.raises(CensusScviError, match="unknown scib-metrics metric"):
+        tiny_config(mini_census, "evaluate.skip_metrics=[kbet]")
+
+
+# ----------------------------------------------------------------------------------------------
+def test_stratified_sample_keeps_proportions_and_rare_strata():
+    strata = np.array(["a"] * 900 + ["b"] * 95 + ["c"] * 5)
+    idx = stratified_sample(strata, n=100, seed=1)
+    assert idx.size == 100 and np.all(np.diff(idx) > 0)
+    picked = dict(zip(*np.unique(strata[idx], return_counts=True), strict=True))
+    assert picked["a"] == 90 and picked["b"] in (9, 10) and picked["c"] >= 1
+    assert np.array_equal(stratified_sample(strata, n=5000), np.arange(1000))
+    assert not np.array_equal(idx, stratified_sample(strata, n=100, seed=2))
+    with pytest.raises(CensusScviError):
+        stratified_sample(strata, n=0)
+
+
+def test_classifier_accuracy_oracle():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 600)
+    separable = np.eye(4)[y] * 10 + rng.normal(size=(600, 4))
+    noise = rng.normal(size=(600, 4))
+    good = classifier_accuracy(separable, y.astype(str))
+    bad = classifier_accuracy(noise, y.astype(str))
+    assert good["logreg_accuracy"] > 0.98 and good["knn_accuracy"] > 0.98
+    assert bad["logreg_accuracy"] < 0.4 and bad["knn_accuracy"] < 0.4
+    assert good["n_test"] == 240 and good["n_train"] == 360  # the 60/40 split
+
+
+def test_umap_coords_above_scanpy_nndescent_threshold():
+    """Above 4,096 cells scanpy switches to pynndescent, which broke with scipy 1.17."""
+    import numpy as np
+
+    from census_scvi._eval_report import umap_coords
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 8, (3, 5))
+    emb = np.concatenate([c + rng.normal(0, 1, (1700, 5)) for c in centers]).astype(np.float32)
+    xy = umap_coords(emb)
+    assert xy.shape == (5100, 2)
+    assert np.isfinite(xy).all()
+    # the three well-separated clusters stay apart in 2-D: nearest centroid recovers membership
+    labels = np.repeat(np.arange(3), 1700)
+    cent = np.stack([xy[labels == i].mean(axis=0) for i in range(3)])
+    pred = np.argmin(((xy[:, None, :] - cent[None]) ** 2).sum(-1), axis=1)
+    assert (pred == labels).mean() > 0.95
