@@ -44,3 +44,8 @@ X_RAW = "raw"
 
 # environment
 CACHE_ENV = "CENSUS_SCVI_CACHE"
+
+# embed stage internals
+LATENT_LIBSIZE_FILE = "latent-libsize.npy"
+EMBED_LOCK_FILE = ".lock"
+EMBEDDING_INFO_KEY = "CxG_embedding_info"

@@ -106,7 +106,27 @@ class HvgConfig(_Section):
         ge=0,
         description="cells with fewer expressed genes (obs nnz) than this are left out of HVG "
         "selection and training, i.e. 'nnz >= min_genes' is added to obs_query_model "
-        "(scanpy's filter_cells(min_genes=) meaning); null: no extra filter",
+        "(scanpy's filter_cells(min_genes=) meaning; it is counted as its own condition in "
+        "the prepare summary, and embed still embeds every cell); null: no extra filter",
+    )
+    span: float = Field(
+        0.3, gt=0.0, le=1.0, description="LOESS span of the Seurat v3 mean-variance fit"
+    )
+    max_loess_jitter: float = Field(
+        1e-6,
+        gt=0.0,
+        description="when the LOESS fit fails numerically, retry with jitter up to this",
+    )
+    chunk_nnz: int = Field(
+        4_000_000,
+        ge=10_000,
+        description="stored values read from X per chunk in every prepare pass; peak memory "
+        "is about 100 bytes x chunk_nnz plus per-cell obs, whatever the number of cells",
+    )
+    read_buffer_bytes: int = Field(
+        128 * 1024**2,
+        ge=1024**2,
+        description="TileDB read buffer per column (soma.init_buffer_bytes) during prepare",
     )
 
 
@@ -125,6 +145,26 @@ class AnnDataConfig(_Section):
     write_hv_genes_pkl: bool = Field(
         False, description="also write the original pipeline's prepare/hv_genes.pkl"
     )
+    compression: Literal["gzip", "lzf", "none"] = Field(
+        "gzip",
+        description="h5py compression of anndata_model.h5ad's X (gzip: smallest and readable "
+        "everywhere, as the original; lzf: faster, h5py only; none: fastest, largest)",
+    )
+    compression_level: int = Field(
+        1,
+        ge=1,
+        le=9,
+        description="gzip level; 1 writes about 1.7x faster than h5py's default 4 for ~4% "
+        "larger files",
+    )
+
+    @field_validator("batch_key_separator")
+    @classmethod
+    def _no_backslash(cls, v: str) -> str:
+        if "\\" in v:
+            msg = f"batch_key_separator={v!r} must not contain a backslash (used to escape it)"
+            raise ValueError(msg)
+        return v
 
 
 class ModelConfig(_Section):
@@ -190,6 +230,16 @@ class TrainConfig(_Section):
             raise ValueError(msg)
         return v
 
+    @model_validator(mode="after")
+    def _stream_sizes(self) -> TrainConfig:
+        if self.stream_io_batch_size % self.stream_shuffle_chunk_size:
+            msg = (
+                f"stream_io_batch_size={self.stream_io_batch_size} is not a multiple of "
+                f"stream_shuffle_chunk_size={self.stream_shuffle_chunk_size}"
+            )
+            raise ValueError(msg)
+        return self
+
 
 class TrainingPlanConfig(_Section):
     """Keys passed to scvi-tools' TrainingPlan (``plan_kwargs``); others are rejected at load."""
@@ -217,6 +267,9 @@ class EmbedConfig(_Section):
 
     chunk_size: int = Field(65_536, gt=0, description="cells per chunk read from SOMA")
     batch_size: int = Field(4096, gt=0, description="cells per encoder forward pass")
+    io_block_size: int = Field(
+        8192, gt=0, description="cells read from SOMA at once within a chunk (bounds memory)"
+    )
     write_soma: bool = Field(True, description="write embed/embedding.soma")
     round_bfloat16: bool = Field(
         False, description="round the SOMA embedding to bfloat16 precision, as the Census does"
@@ -228,6 +281,12 @@ class EmbedConfig(_Section):
     submitter_email: str = Field("unknown")
     submitter_affiliation: str = Field("unknown")
     doi: str = Field("", description="publication DOI, if any")
+    embedding_id: str = Field("", description="CxG_embedding_info id (accession), if assigned")
+    additional_information: str = Field("", description="CxG_embedding_info free text")
+    model_link: str = Field("", description="CxG_embedding_info URL of the published model")
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field(
+        "auto", description="device for the encoder forward passes"
+    )
 
 
 class EvaluateConfig(_Section):
@@ -241,6 +300,35 @@ class EvaluateConfig(_Section):
     )
     n_pcs: int = Field(50, gt=0, description="PCA baseline dimensions")
     seed: int = Field(0, ge=0)
+    skip_metrics: list[str] = Field(
+        default_factory=lambda: ["kbet_per_label", "nmi_ari_cluster_labels_leiden"],
+        description="scib-metrics metrics not computed (kBET: slowest, ~35 s of JAX compile on "
+        "2 cores; Leiden NMI/ARI: off in scib-metrics' defaults too)",
+    )
+    test_size: float = Field(
+        0.4, gt=0.0, lt=1.0, description="held-out fraction for the cell-type classifiers"
+    )
+
+    @field_validator("skip_metrics")
+    @classmethod
+    def _known_metrics(cls, v: list[str]) -> list[str]:
+        known = (
+            "isolated_labels",
+            "nmi_ari_cluster_labels_leiden",
+            "nmi_ari_cluster_labels_kmeans",
+            "silhouette_label",
+            "clisi_knn",
+            "bras",
+            "ilisi_knn",
+            "kbet_per_label",
+            "graph_connectivity",
+            "pcr_comparison",
+        )
+        bad = [m for m in v if m not in known]
+        if bad:
+            msg = f"unknown scib-metrics metric(s) {bad}; valid: {', '.join(known)}"
+            raise ValueError(msg)
+        return v
 
 
 class MapConfig(_Section):
@@ -253,6 +341,22 @@ class MapConfig(_Section):
         0.5, ge=0.0, le=1.0, description="confidence under which the label is 'unknown'"
     )
     reference_sample_size: int = Field(50_000, gt=0, description="reference cells in the UMAP")
+    knn_reference_cells: int = Field(
+        2_000_000,
+        gt=0,
+        description="reference cells (stratified by label) indexed for label transfer; all if fewer",
+    )
+    chunk_size: int = Field(16_384, gt=0, description="query cells aligned and encoded per chunk")
+    batch_size: int = Field(1024, gt=0, description="cells per encoder forward pass")
+    unknown_label: str = Field("unknown", description="the label of low-confidence cells")
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap_order(self) -> MapConfig:
+        if self.min_overlap > self.warn_overlap:
+            msg = f"min_overlap={self.min_overlap} must be <= warn_overlap={self.warn_overlap}"
+            raise ValueError(msg)
+        return self
 
 
 class OutputConfig(_Section):
