@@ -22,10 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback
+from scvi.train._progress import ProgressBar
 
 from census_scvi._errors import CensusScviError
 
-__all__ = ["EpochCheckpoint", "HistoryRecorder", "NonFiniteLossGuard", "ThroughputMonitor"]
+__all__ = [
+    "EpochCheckpoint",
+    "HistoryRecorder",
+    "NonFiniteLossGuard",
+    "StderrProgressBar",
+    "ThroughputMonitor",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -226,3 +233,19 @@ class ThroughputMonitor(Callback):
         seconds = sum(s for _, s in epochs)
         cells = sum(c for c, _ in epochs)
         return cells / seconds if seconds > 0 else None
+
+
+class StderrProgressBar(ProgressBar):
+    """scvi-tools' per-epoch bar, on stderr (scvi writes it to stdout, where results go)."""
+
+    def init_train_tqdm(self, trainer: Any) -> Any:
+        import sys
+
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=trainer.max_epochs,
+            desc="Training",
+            file=sys.stderr,
+            disable=self.is_disabled,
+        )

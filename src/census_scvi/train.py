@@ -704,6 +704,7 @@ def run_train(
         EpochCheckpoint,
         HistoryRecorder,
         NonFiniteLossGuard,
+        StderrProgressBar,
         ThroughputMonitor,
     )
 
@@ -717,6 +718,7 @@ def run_train(
         history,
         throughput,
         EpochCheckpoint(ckpt_dir, every_n_epochs=config.train.checkpoint_every_n_epochs),
+        StderrProgressBar(),
     ]
     t = config.train
     trainer_kwargs: dict[str, Any] = {
@@ -738,6 +740,7 @@ def run_train(
             TensorBoardLogger(save_dir=str(logs_dir), name="", version="", default_hp_metric=False),
         ],
         "enable_checkpointing": False,
+        "simple_progress_bar": False,  # ours is on stderr
         "default_root_dir": str(train_dir),
     }
     if devices.strategy != "auto":
