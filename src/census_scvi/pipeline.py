@@ -143,13 +143,9 @@ def stage_range(
 
 def _is_global_zero() -> bool:
     """False in a process a launcher (Lightning DDP, SLURM) started as another rank."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
-        try:
-            if int(os.environ.get(var, "0") or 0) != 0:
-                return False
-        except ValueError:
-            continue
-    return True
+    from census_scvi.train import _env_is_global_zero
+
+    return _env_is_global_zero()
 
 
 def _train_interrupted(run_dir: Path) -> bool:
