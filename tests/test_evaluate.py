@@ -145,3 +145,29 @@ def test_umap_coords_above_scanpy_nndescent_threshold():
     cent = np.stack([xy[labels == i].mean(axis=0) for i in range(3)])
     pred = np.argmin(((xy[:, None, :] - cent[None]) ** 2).sum(-1), axis=1)
     assert (pred == labels).mean() > 0.95
+
+
+def test_benchmark_when_no_label_spans_two_batches():
+    """E.g. a census of one annotated and one unannotated ('unknown') dataset."""
+    import numpy as np
+
+    from census_scvi._eval_metrics import benchmark
+
+    rng = np.random.default_rng(0)
+    n = 300
+    labels = np.where(np.arange(n) < 150, "T cell", "unknown")
+    labels[:75] = "B cell"
+    batches = np.where(np.arange(n) < 150, "zheng", "kang")
+    emb = rng.normal(size=(n, 5)).astype(np.float32)
+    emb[:75] += 4
+    scores, _ = benchmark(
+        {"scVI": emb, "PCA": emb[:, ::-1].copy()},
+        labels=labels,
+        batches={"batch": batches},
+        baseline="PCA",
+        skip_metrics=("kbet_per_label", "nmi_ari_cluster_labels_leiden"),
+    )
+    got = scores["batch"]["scVI"]
+    assert not any("BRAS" in m or "ilhouette batch" in m for m in got)
+    assert 0.0 <= got["Bio conservation"] <= 1.0
+    assert "Batch correction" in got

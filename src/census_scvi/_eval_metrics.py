@@ -105,6 +105,14 @@ def _collections(skip: Sequence[str], *, bio: bool) -> tuple[Any, Any]:
     return bio_c, batch_c
 
 
+def _label_spans_batches(labels: npt.NDArray[np.str_], batches: npt.NDArray[np.str_]) -> bool:
+    """True when at least one label occurs in two or more batches."""
+    import pandas as pd
+
+    per_label = pd.DataFrame({"l": labels, "b": batches}).groupby("l")["b"].nunique()
+    return bool((per_label >= 2).any())
+
+
 def benchmark(
     embeddings: Mapping[str, npt.NDArray[np.floating]],
     *,
@@ -140,7 +148,16 @@ def benchmark(
     seconds: dict[str, float] = {}
     for i, (key, values) in enumerate(batches.items()):
         values = np.asarray(values).astype(str)
-        bio_c, batch_c = _collections(skip_metrics, bio=i == 0)
+        skip = list(skip_metrics)
+        if not _label_spans_batches(labels, values):
+            # scib-metrics BRAS (silhouette_batch) averages within labels over batches and fails
+            # ("No objects to concatenate") when no label occurs in two batches.
+            logger.warning(
+                "evaluate: no label occurs in two %s batches; BRAS (per-label batch silhouette) skipped",
+                key,
+            )
+            skip.append("bras")
+        bio_c, batch_c = _collections(skip, bio=i == 0)
         if np.unique(values).size < 2:
             logger.info("evaluate: batch key %s has one value; no batch-correction scores", key)
             if bio_c is None:
