@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from census_scvi._errors import CensusScviError
+
 if TYPE_CHECKING:
     import anndata as ad
 
@@ -134,7 +136,12 @@ def benchmark(
     """
     import anndata as ad
     import pandas as pd
-    from scib_metrics.benchmark import Benchmarker
+
+    try:
+        from scib_metrics.benchmark import Benchmarker
+    except ImportError:
+        msg = "evaluate needs scib-metrics, which is not installed"
+        raise CensusScviError(msg, hint='pip install "census-scvi[eval]"') from None
 
     labels = np.asarray(labels).astype(str)
     names = list(embeddings)
