@@ -26,6 +26,8 @@ import subprocess
 import sys
 import textwrap
 
+from census_scvi._constants import BATCH_METRICS, BIO_METRICS
+
 CHILD = """
 import json, os, resource, sys, time, warnings
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -80,18 +82,7 @@ out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps(out))
 """
 
-METRICS = [
-    "isolated_labels",
-    "nmi_ari_cluster_labels_kmeans",
-    "nmi_ari_cluster_labels_leiden",
-    "silhouette_label",
-    "clisi_knn",
-    "bras",
-    "ilisi_knn",
-    "kbet_per_label",
-    "graph_connectivity",
-    "pcr_comparison",
-]
+METRICS = [*BIO_METRICS, *BATCH_METRICS]
 
 
 def run(n: int, case: str) -> dict:

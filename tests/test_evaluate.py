@@ -171,3 +171,15 @@ def test_benchmark_when_no_label_spans_two_batches():
     assert not any("BRAS" in m or "ilhouette batch" in m for m in got)
     assert 0.0 <= got["Bio conservation"] <= 1.0
     assert "Batch correction" in got
+
+
+def test_metric_names_are_scib_metrics_switches():
+    """config validation and the Benchmarker share one list; it must match scib-metrics."""
+    from dataclasses import fields
+
+    from scib_metrics.benchmark import BatchCorrection, BioConservation
+
+    from census_scvi._constants import BATCH_METRICS, BIO_METRICS
+
+    assert set(BIO_METRICS) == {f.name for f in fields(BioConservation)}
+    assert set(BATCH_METRICS) == {f.name for f in fields(BatchCorrection)}

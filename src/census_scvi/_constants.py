@@ -49,3 +49,13 @@ CACHE_ENV = "CENSUS_SCVI_CACHE"
 LATENT_LIBSIZE_FILE = "latent-libsize.npy"
 EMBED_LOCK_FILE = ".lock"
 EMBEDDING_INFO_KEY = "CxG_embedding_info"
+
+# scib-metrics metric switches (BioConservation / BatchCorrection field names, scib-metrics 0.5)
+BIO_METRICS = (
+    "isolated_labels",
+    "nmi_ari_cluster_labels_leiden",
+    "nmi_ari_cluster_labels_kmeans",
+    "silhouette_label",
+    "clisi_knn",
+)
+BATCH_METRICS = ("bras", "ilisi_knn", "kbet_per_label", "graph_connectivity", "pcr_comparison")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from census_scvi._constants import BATCH_METRICS, BIO_METRICS
 from census_scvi._errors import CensusScviError
 
 if TYPE_CHECKING:
@@ -31,15 +32,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-BIO_METRICS = (
-    "isolated_labels",
-    "nmi_ari_cluster_labels_leiden",
-    "nmi_ari_cluster_labels_kmeans",
-    "silhouette_label",
-    "clisi_knn",
-)
-BATCH_METRICS = ("bras", "ilisi_knn", "kbet_per_label", "graph_connectivity", "pcr_comparison")
 
 # one line per score, for the report (names as scib-metrics' get_results(clean_names=True))
 METRIC_HELP = {

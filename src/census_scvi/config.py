@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from census_scvi._constants import CACHE_ENV
+from census_scvi._constants import BATCH_METRICS, BIO_METRICS, CACHE_ENV
 from census_scvi._errors import CensusScviError
 
 __all__ = [
@@ -314,18 +314,7 @@ class EvaluateConfig(_Section):
     @field_validator("skip_metrics")
     @classmethod
     def _known_metrics(cls, v: list[str]) -> list[str]:
-        known = (
-            "isolated_labels",
-            "nmi_ari_cluster_labels_leiden",
-            "nmi_ari_cluster_labels_kmeans",
-            "silhouette_label",
-            "clisi_knn",
-            "bras",
-            "ilisi_knn",
-            "kbet_per_label",
-            "graph_connectivity",
-            "pcr_comparison",
-        )
+        known = (*BIO_METRICS, *BATCH_METRICS)
         bad = [m for m in v if m not in known]
         if bad:
             msg = f"unknown scib-metrics metric(s) {bad}; valid: {', '.join(known)}"
