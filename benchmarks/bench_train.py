@@ -42,6 +42,7 @@ def _overrides(a: dict) -> list[str]:
         f"train.batch_size={a['batch_size']}",
         "train.accelerator=cpu",
         f"train.stream_io_batch_size={a['io_batch']}",
+        f"train.stream_shuffle_chunk_size={a['chunk']}",
         "training_plan.n_epochs_kl_warmup=10",
     ]
 
@@ -235,9 +236,11 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2, help="the first is not timed")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--io-batch", type=int, default=16_384, help="stream I/O batch (cells)")
+    p.add_argument("--chunk", type=int, default=256, help="stream shuffle chunk (cells)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=1, help="runs per variant; the best is kept")
     p.add_argument("--workdir", default="/tmp/census-scvi-bench-train")
+    p.add_argument("--census", help="an existing (mini) census to use instead of generating one")
     p.add_argument("--profile", action="store_true", help="print a step profile per case")
     p.add_argument("--loaders", action="store_true", help="also time the data loaders alone")
     p.add_argument("--loaders-only", action="store_true", help="only time the data loaders")
@@ -251,12 +254,13 @@ def main() -> None:
     from census_scvi.data.demo import make_mini_census
 
     work = Path(args.workdir)
-    census = work / f"census-{args.cells}x{args.genes}"
+    census = Path(args.census) if args.census else work / f"census-{args.cells}x{args.genes}"
     t = time.perf_counter()
     if not census.exists():  # reused between runs of the benchmark
         make_mini_census(census, n_cells=args.cells, n_genes=args.genes, seed=0)
     print(
-        f"mini census {args.cells:,} cells x {args.genes:,} genes: {time.perf_counter() - t:.0f} s"
+        f"mini census {census} ({args.cells:,} x {args.genes:,} if generated): "
+        f"{time.perf_counter() - t:.0f} s"
     )
     gflops = sgemm_gflops(args.threads)
     print(f"sgemm 2048^3, {args.threads} threads: {gflops:.1f} GFLOP/s")
@@ -268,6 +272,7 @@ def main() -> None:
             "epochs": args.epochs,
             "batch_size": args.batch_size,
             "io_batch": args.io_batch,
+            "chunk": args.chunk,
             "threads": args.threads,
         }
         run = work / f"run-hvg{hvg}"

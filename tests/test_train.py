@@ -121,7 +121,7 @@ def test_devices_original_config_on_cpu_and_gpu():
 
 
 def test_stream_sizes_checked_at_config_load():
-    with pytest.raises(CensusScviError, match="not a multiple of stream_shuffle_chunk_size=64"):
+    with pytest.raises(CensusScviError, match="not a multiple of stream_shuffle_chunk_size=256"):
         load_config(None, overrides=["train.stream_io_batch_size=1000"])
 
 

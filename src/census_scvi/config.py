@@ -215,10 +215,16 @@ class TrainConfig(_Section):
     seed: int = Field(0, ge=0)
     checkpoint_every_n_epochs: int = Field(1, gt=0)
     stream_io_batch_size: int = Field(
-        65_536, gt=0, description="stream mode: cells read from SOMA per I/O batch"
+        16_384,
+        gt=0,
+        description="stream mode: cells read from SOMA per I/O batch (memory: two I/O batches "
+        "of cells x model genes as CSR, whatever the number of cells)",
     )
     stream_shuffle_chunk_size: int = Field(
-        64, gt=0, description="stream mode: contiguous cells per shuffle chunk"
+        256,
+        gt=0,
+        description="stream mode: cells (consecutive by soma_joinid) shuffled as a unit; larger "
+        "reads faster, io_batch_size / shuffle_chunk_size chunks mix in each I/O batch",
     )
 
     @field_validator("devices")

@@ -295,6 +295,9 @@ class _Inputs:
     cell_joinids: np.ndarray | None = None
     cell_codes: np.ndarray | None = None
     experiment_uri: str | None = None
+    # the census context's TileDB settings (S3 region, unsigned requests for the public
+    # census): the stream reader opens the experiment again, in each DataLoader worker
+    tiledb_config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_genes(self) -> int:
@@ -428,6 +431,7 @@ def _stream_inputs(config: Config, prepare_dir: Path) -> _Inputs:
     with open_census(config) as census:
         exp = get_experiment(census, config.census.organism)
         uri = exp.uri
+        tiledb_config = dict(exp.context.tiledb_config)
         ms = exp.ms[MEASUREMENT]
         if X_RAW not in ms.X:
             msg = f"census experiment {uri} has no X layer '{X_RAW}'"
@@ -473,6 +477,7 @@ def _stream_inputs(config: Config, prepare_dir: Path) -> _Inputs:
         cell_joinids=joinids,
         cell_codes=codes,
         experiment_uri=uri,
+        tiledb_config=tiledb_config,
     )
 
 
@@ -549,6 +554,7 @@ def _build_model(config: Config, inputs: _Inputs) -> tuple[Any, Any, int]:
         num_workers=t.num_workers,
         measurement_name=MEASUREMENT,
         layer_name=X_RAW,
+        tiledb_config=inputs.tiledb_config,
     )
     return model, dm, n_cells
 

@@ -1,17 +1,20 @@
 """Stream training data straight from a SOMA experiment (``train.mode: stream``).
 
 :class:`SomaStreamDataModule` is a Lightning data module that feeds scVI shuffled mini-batches
-of ``X[cells, genes]`` read from a TileDB-SOMA experiment with ``tiledbsoma_ml.ExperimentDataset``
-(I/O batching, shuffle chunks, eager read-ahead), so no h5ad of the census is ever written and
-memory is bounded by ``io_batch_size``, not by the number of cells.
+of ``X[cells, genes]`` read from a TileDB-SOMA experiment (shuffle chunks, I/O batches, read-ahead
+in a thread; :mod:`census_scvi.data._soma_reader` reads), so no h5ad of the census is ever
+written and memory is bounded by ``io_batch_size``, not by the number of cells.
 
 Why not scvi-tools' ``TileDBDataModule``: it reads the obs table of the whole query up front to
 derive batch labels, its default ``io_batch_size`` makes the first I/O batch the whole query, its
 registry names genes by ``soma_joinid`` (so a streamed model would not load onto the prepared
-AnnData), and with tiledbsoma-ml 0.1 every epoch repeats the same order. Here the batch label of
-each cell comes from ``prepare/cells.parquet`` (held in memory: two numbers per cell), the
-train/validation split is the one scvi-tools' ``DataSplitter`` makes for the same rows and seed,
-each epoch is shuffled with ``seed + epoch``, and each DDP rank reads its own disjoint slice.
+AnnData), and with tiledbsoma-ml 0.1 every epoch repeats the same order. Why not tiledbsoma-ml's
+``ExperimentDataset`` underneath (the first version of this module used it): its reads were the
+bottleneck, 2,400 cells/s of training against 6,500 in memory (``docs/benchmarks.md``). Here the
+batch label of each cell comes from ``prepare/cells.parquet`` (held in memory: two numbers per
+cell), the train/validation split is the one scvi-tools' ``DataSplitter`` makes for the same rows
+and seed, each epoch is shuffled with ``seed + epoch``, and each DDP rank reads its own disjoint
+slice (each DataLoader worker a contiguous part of it).
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import scipy.sparse as sp
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from census_scvi.data._soma_reader import IOBatchReader, release_free_memory
 
 # this private module is imported only when stream mode trains, so torch/lightning at import
 # time are fine; the dataset and loader classes must be module-level to pickle into workers
@@ -76,7 +82,14 @@ def _rank_slice(ids: npt.NDArray[np.int64], rank: int, world_size: int) -> npt.N
 
 
 class StreamDataset(IterableDataset):  # type: ignore[type-arg]
-    """scVI tensor dicts over one rank's cells, shuffled with ``seed + epoch``."""
+    """scVI tensor dicts over one rank's cells, shuffled with ``seed + epoch``.
+
+    Each epoch splits the cells (sorted by ``soma_joinid``) into runs of ``shuffle_chunk_size``,
+    shuffles the runs, and reads ``io_batch_size`` cells (a group of runs) per SOMA read while the
+    previous I/O batch is cut into shuffled mini-batches; a mini-batch that straddles two I/O
+    batches takes cells from both, so every mini-batch but a worker's last has ``batch_size``
+    cells.
+    """
 
     def __init__(
         self,
@@ -96,8 +109,8 @@ class StreamDataset(IterableDataset):  # type: ignore[type-arg]
     ) -> None:
         super().__init__()
         self.x_locator = x_locator
-        self.obs_joinids = obs_joinids
-        self.var_joinids = var_joinids
+        self.obs_joinids = np.sort(np.asarray(obs_joinids, dtype=np.int64))
+        self.var_joinids = np.asarray(var_joinids, dtype=np.int64)
         self.sorted_joinids = sorted_joinids
         self.sorted_codes = sorted_codes
         self.batch_size = batch_size
@@ -109,56 +122,99 @@ class StreamDataset(IterableDataset):  # type: ignore[type-arg]
         self.n_workers = max(1, n_workers)
         self.epoch = 0
 
-    def _experiment_dataset(self) -> Any:
-        from tiledbsoma_ml import ExperimentDataset
-        from tiledbsoma_ml._query_ids import QueryIDs
-
-        ds = ExperimentDataset(
-            x_locator=self.x_locator,
-            query_ids=QueryIDs(obs_joinids=self.obs_joinids, var_joinids=self.var_joinids),
-            obs_column_names=[SOMA_JOINID_KEY],
-            batch_size=self.batch_size,
-            io_batch_size=self.io_batch_size,
-            shuffle=self.shuffle,
-            shuffle_chunk_size=self.shuffle_chunk_size,
-            seed=self.seed + self.epoch,
-        )
-        # the rank partition was made by the data module (from the trainer, not from env
-        # variables, which tiledbsoma-ml 0.1 reads as LOCAL_RANK on every node): only the
-        # DataLoader-worker split is left to ExperimentDataset
-        object.__setattr__(ds, "rank", 0)
-        object.__setattr__(ds, "world_size", 1)
-        return ds
+    def _worker_joinids(self) -> npt.NDArray[np.int64]:
+        info = get_worker_info()
+        if info is None:
+            return self.obs_joinids
+        return np.array_split(self.obs_joinids, info.num_workers)[info.id]
 
     def __len__(self) -> int:
-        # ExperimentDataset splits the cells contiguously among DataLoader workers
-        base, extra = divmod(len(self.obs_joinids), self.n_workers)
+        # the cells are split contiguously among DataLoader workers (np.array_split)
         total = 0
-        for w in range(self.n_workers):
-            full, rem = divmod(base + (1 if w < extra else 0), self.batch_size)
+        for part in np.array_split(np.arange(len(self.obs_joinids)), self.n_workers):
+            full, rem = divmod(len(part), self.batch_size)
             if self.drop_singletons and rem == 1:
                 rem = 0
             total += full + (1 if rem else 0)
         return total
 
+    def io_batches(
+        self, ids: npt.NDArray[np.int64], rng: np.random.Generator
+    ) -> list[npt.NDArray[np.int64]]:
+        """The cells of each I/O batch (sorted within a batch, for the read)."""
+        chunk = self.shuffle_chunk_size
+        n_chunks = -(-len(ids) // chunk)
+        order = rng.permutation(n_chunks) if self.shuffle else np.arange(n_chunks)
+        per_io = max(1, self.io_batch_size // chunk)
+        return [
+            np.sort(
+                np.concatenate([ids[c * chunk : (c + 1) * chunk] for c in order[i : i + per_io]])
+            )
+            for i in range(0, n_chunks, per_io)
+        ]
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        ds = self._experiment_dataset()
+        epoch = self.epoch
         # a persistent DataLoader worker keeps its copy of this dataset between epochs and
         # counts epochs itself; without workers the loader sets ``epoch`` before each pass
         self.epoch += 1
-        for X, obs in ds:
-            ids = obs[SOMA_JOINID_KEY].to_numpy(dtype=np.int64)
-            if self.drop_singletons and len(ids) < 2:
-                # BatchNorm cannot train on one cell; scvi-tools avoids such batches too
-                continue
-            pos = np.searchsorted(self.sorted_joinids, ids)
-            codes = self.sorted_codes[pos]
-            yield {
-                _X_KEY: torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)),
-                _BATCH_KEY: torch.from_numpy(codes.astype(np.int64))[:, None],
-                _LABELS_KEY: torch.zeros((len(ids), 1), dtype=torch.int64),
-                SOMA_JOINID_KEY: torch.from_numpy(ids),
-            }
+        ids = self._worker_joinids()
+        if len(ids) == 0:
+            return
+        # A pass opens its own reader and closes it before yielding its last mini-batch:
+        # Lightning stops asking after len(loader) batches and leaves the generator suspended
+        # until the next epoch, so anything held past the last yield (reader, I/O batches)
+        # stayed alive through the next pass; peak RSS grew with the cells per pass.
+        reader = IOBatchReader(self.x_locator, self.var_joinids)
+        last: dict[str, torch.Tensor] | None = None
+        try:
+            for batch in self._pass(reader, ids, np.random.default_rng(self.seed + epoch)):
+                if last is not None:
+                    yield last
+                last = batch
+        finally:
+            reader.close()
+            release_free_memory()
+        if last is not None:
+            yield last
+
+    def _pass(
+        self, reader: IOBatchReader, ids: npt.NDArray[np.int64], rng: np.random.Generator
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        pending_x: list[Any] = []
+        pending_ids: list[npt.NDArray[np.int64]] = []
+        n_pending = 0
+        for io_ids, x in reader.prefetched(self.io_batches(ids, rng)):
+            order = rng.permutation(len(io_ids)) if self.shuffle else np.arange(len(io_ids))
+            start = 0
+            if n_pending:  # finish the mini-batch left over from the previous I/O batch
+                take = order[: self.batch_size - n_pending]
+                pending_x.append(x[take])
+                pending_ids.append(io_ids[take])
+                n_pending += len(take)
+                start = len(take)
+                if n_pending < self.batch_size:
+                    continue
+                yield self._batch(sp.vstack(pending_x, format="csr"), np.concatenate(pending_ids))
+                pending_x, pending_ids, n_pending = [], [], 0
+            for s in range(start, len(order), self.batch_size):
+                sel = order[s : s + self.batch_size]
+                if len(sel) < self.batch_size:
+                    pending_x, pending_ids, n_pending = [x[sel]], [io_ids[sel]], len(sel)
+                    break
+                yield self._batch(x[sel], io_ids[sel])
+        if n_pending and not (self.drop_singletons and n_pending < 2):
+            # BatchNorm cannot train on one cell; scvi-tools avoids such batches too
+            yield self._batch(sp.vstack(pending_x, format="csr"), np.concatenate(pending_ids))
+
+    def _batch(self, x: Any, ids: npt.NDArray[np.int64]) -> dict[str, torch.Tensor]:
+        codes = self.sorted_codes[np.searchsorted(self.sorted_joinids, ids)]
+        return {
+            _X_KEY: torch.from_numpy(x.toarray()),
+            _BATCH_KEY: torch.from_numpy(codes.astype(np.int64))[:, None],
+            _LABELS_KEY: torch.zeros((len(ids), 1), dtype=torch.int64),
+            SOMA_JOINID_KEY: torch.from_numpy(ids),
+        }
 
 
 class EpochDataLoader(DataLoader):  # type: ignore[type-arg]
@@ -227,8 +283,8 @@ class SomaStreamDataModule(LightningDataModule):
         train_size: float = 0.9,
         batch_size: int = 128,
         seed: int = 0,
-        io_batch_size: int = 65_536,
-        shuffle_chunk_size: int = 64,
+        io_batch_size: int = 16_384,
+        shuffle_chunk_size: int = 256,
         num_workers: int = 0,
         measurement_name: str = "RNA",
         layer_name: str = "raw",

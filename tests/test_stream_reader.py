@@ -1,0 +1,143 @@
+"""Stream-mode reading: the SOMA -> CSR reader against dense numpy and tiledbsoma, mini-batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+
+def _dense_oracle(dim0, dim1, data, joinids, var_joinids):
+    """X[joinids, var_joinids] from COO with plain numpy (rows/columns by position)."""
+    out = np.zeros((len(joinids), len(var_joinids)), dtype=np.float32)
+    row = {int(j): i for i, j in enumerate(joinids)}
+    col = {int(v): i for i, v in enumerate(var_joinids)}
+    for r, c, v in zip(dim0, dim1, data, strict=True):
+        if int(r) in row and int(c) in col:
+            out[row[int(r)], col[int(c)]] = v
+    return out
+
+
+def test_kernels_match_dense_numpy():
+    from census_scvi.data._soma_reader import coo_to_csr, filter_coo
+
+    rng = np.random.default_rng(0)
+    n_cells, n_genes = 60, 50
+    dense = rng.poisson(0.3, size=(n_cells, n_genes)).astype(np.float32)
+    dim0, dim1 = np.nonzero(dense)
+    data = dense[dim0, dim1]
+    # joinids are sparse and unordered in the result, genes beyond the model's range exist
+    joinid_of_cell = np.sort(rng.choice(10_000, n_cells, replace=False))
+    order = rng.permutation(len(dim0))
+    d0, d1, v = joinid_of_cell[dim0][order], dim1[order].astype(np.int64), data[order]
+    rows = np.sort(rng.choice(joinid_of_cell, 25, replace=False))  # some cells are not asked
+    genes = np.sort(rng.choice(40, 15, replace=False))  # genes 40..49 exceed col_of_var
+    col_of_var = np.full(genes.max() + 1, -1, dtype=np.int32)
+    col_of_var[genes] = np.arange(len(genes))
+    r, c, vals = filter_coo(d0, d1, v, rows, col_of_var)
+    assert r.dtype == np.int32 and vals.dtype == np.float32
+    # in two pieces, as two result tables of one read
+    h = len(r) // 2
+    parts = [(r[:h], c[:h], vals[:h]), (r[h:], c[h:], vals[h:])]
+    indptr, indices, values = coo_to_csr(parts, len(rows))
+    assert parts == []  # consumed
+    import scipy.sparse as sp
+
+    got = sp.csr_matrix((values, indices, indptr), shape=(len(rows), len(genes))).toarray()
+    np.testing.assert_array_equal(got, _dense_oracle(d0, d1, v, rows, genes))
+    assert indptr[-1] == np.count_nonzero(got)
+
+
+@pytest.mark.parametrize("buffer_bytes", [None, 4096])
+def test_reader_equals_tiledbsoma_read(mini_census, monkeypatch, buffer_bytes):
+    import tiledbsoma as soma
+    from tiledbsoma_ml.x_locator import XLocator
+
+    from census_scvi.data import _soma_reader
+
+    if buffer_bytes is not None:  # many small result tables: the concatenating path
+        monkeypatch.setattr(_soma_reader, "READ_BUFFER_BYTES", buffer_bytes)
+    uri = f"{mini_census}/census_data/homo_sapiens"
+    rng = np.random.default_rng(1)
+    with soma.Experiment.open(uri) as exp:
+        locator = XLocator.create(exp, measurement_name="RNA", layer_name="raw")
+        X = exp.ms["RNA"].X["raw"]
+        n_obs, n_var = X.shape
+        joinids = np.sort(rng.choice(n_obs, 300, replace=False)).astype(np.int64)
+        var_joinids = np.sort(rng.choice(n_var, 120, replace=False)).astype(np.int64)
+        tbl = X.read(coords=(joinids, var_joinids)).tables().concat()
+    expected = _dense_oracle(
+        tbl["soma_dim_0"].to_numpy(),
+        tbl["soma_dim_1"].to_numpy(),
+        tbl["soma_data"].to_numpy(),
+        joinids,
+        var_joinids,
+    )
+    assert expected.any()
+    reader = _soma_reader.IOBatchReader(locator, var_joinids)
+    try:
+        got = reader.read(joinids)
+        assert got.shape == (len(joinids), len(var_joinids)) and got.dtype == np.float32
+        np.testing.assert_array_equal(got.toarray(), expected)
+        # read-ahead yields the same batches, in order
+        halves = [joinids[:150], joinids[150:]]
+        out = list(reader.prefetched(halves))
+        assert [len(i) for i, _ in out] == [150, 150]
+        np.testing.assert_array_equal(
+            np.vstack([x.toarray() for _, x in out]), expected, strict=True
+        )
+    finally:
+        reader.close()
+
+
+def _module(mini_census, **kwargs):
+    """A stream data module over every mini-census cell, 100 genes, dataset as the batch."""
+    import tiledbsoma as soma
+
+    from census_scvi.data._datamodule import SomaStreamDataModule
+
+    uri = f"{mini_census}/census_data/homo_sapiens"
+    with soma.Experiment.open(uri) as exp:
+        obs = exp.obs.read(column_names=["soma_joinid", "dataset_id"]).concat().to_pandas()
+    codes = pd.Categorical(obs["dataset_id"]).codes
+    dm = SomaStreamDataModule(
+        uri,
+        obs_joinids=obs["soma_joinid"].to_numpy(),
+        batch_codes=codes,
+        var_joinids=np.arange(0, 1000, 10),
+        n_batch=int(codes.max()) + 1,
+        train_size=0.9,
+        seed=0,
+        **kwargs,
+    )
+    dm.setup()
+    return dm
+
+
+def test_minibatches_are_full_across_io_batches(mini_census):
+    # 100-cell batches from 512-cell I/O batches: most batches take cells from two I/O batches
+    dm = _module(mini_census, batch_size=100, io_batch_size=512, shuffle_chunk_size=16)
+    loader = dm.train_dataloader()
+    sizes = [len(b["soma_joinid"]) for b in loader]
+    assert len(sizes) == len(loader)
+    assert all(s == 100 for s in sizes[:-1]) and 1 < sizes[-1] <= 100
+    assert sum(sizes) == dm.n_train
+    # validation is read in order, unshuffled
+    val = np.concatenate([b["soma_joinid"].numpy() for b in dm.val_dataloader()])
+    np.testing.assert_array_equal(val, dm.val_joinids)
+
+
+def test_dataloader_workers_split_cells(mini_census):
+    # two spawned workers each open their own TileDB handle and read a contiguous part
+    dm = _module(
+        mini_census,
+        batch_size=128,
+        io_batch_size=256,
+        shuffle_chunk_size=32,
+        num_workers=2,
+    )
+    loader = dm.train_dataloader()
+    batches = list(loader)
+    assert len(batches) == len(loader)
+    seen = np.concatenate([b["soma_joinid"].numpy() for b in batches])
+    np.testing.assert_array_equal(np.sort(seen), dm.train_joinids)  # each cell exactly once
