@@ -194,7 +194,7 @@ class IOBatchReader:
             tiledb_timestamp=x_locator.tiledb_timestamp_ms,
             context=soma.SOMATileDBContext(tiledb_config=cfg),
         )
-        self._x = self._exp.ms[x_locator.measurement_name].X[x_locator.layer_name]
+        self._x: Any = self._exp.ms[x_locator.measurement_name].X[x_locator.layer_name]
         self.col_of_var = np.full(int(self.var_joinids.max(initial=-1)) + 1, -1, dtype=np.int32)
         self.col_of_var[self.var_joinids] = np.arange(len(self.var_joinids), dtype=np.int32)
 
