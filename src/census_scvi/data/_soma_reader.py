@@ -46,7 +46,7 @@ def filter_coo(
     row_joinids: npt.NDArray[np.int64],
     col_of_var: npt.NDArray[np.int32],
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.float32]]:
-    """Keep values of the asked cells in model genes, as (row, column) positions (one pass).
+    """Keep values of the asked cells in model genes, as (row, column) positions.
 
     ``row_joinids`` is sorted; ``col_of_var[var_joinid]`` is the model column or -1.
     """
