@@ -83,8 +83,8 @@ def child(mode: str, h5ad: str, out: str, columns: str) -> dict[str, float]:
 
         tio.from_h5ad(out, h5ad, "RNA", X_layer_name="raw", uns_keys=[])
     elif mode in ("build", "append", "build-100M"):
-        import census_scvi._build_soma as bs
-        from census_scvi.build_census import build_census
+        import census_scvi.build._soma as bs
+        from census_scvi.build import build_census
 
         if mode == "build-100M":  # tiledbsoma's default write chunk, for comparison
             bs.WRITE_CHUNK_NNZ = 100_000_000

@@ -26,7 +26,7 @@ def main() -> None:
         shutil.rmtree(path, ignore_errors=True)
         r = measure(
             f"""
-            from census_scvi.data.demo import make_mini_census
+            from census_scvi.demo import make_mini_census
             make_mini_census({str(path)!r}, n_cells={n}, n_genes={args.genes}, seed=0)
             """
         )

@@ -30,7 +30,7 @@ CHILD_PREAMBLE = """
 import json, resource, sys, time
 import numpy as np
 import cellxgene_census, scvi, torch
-import census_scvi.embed
+import census_scvi.embed._stage
 t0 = time.perf_counter()
 """
 
@@ -42,7 +42,7 @@ print("RESULT " + json.dumps({"seconds": seconds, "peak_rss": peak, "cells": int
 
 ORIGINAL = """
 import cellxgene_census, scvi
-from census_scvi.data._batch import batch_labels
+from census_scvi.batches import batch_labels
 model_dir, census_uri, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 var_names = scvi.model.SCVI.load_registry(model_dir)["field_registries"]["X"]["state_registry"]["column_names"]
 with cellxgene_census.open_soma(uri=census_uri) as census:
@@ -90,7 +90,7 @@ def _setup(work: Path, n_cells: int, n_genes: int, n_hvg: int, n_latent: int) ->
     """The mini census and a model trained briefly on 5,000 of its cells (cached in ``work``)."""
     import numpy as np
 
-    from census_scvi.data.demo import make_mini_census
+    from census_scvi.demo import make_mini_census
 
     census_uri = work / f"mini-{n_cells}x{n_genes}"
     if not census_uri.exists():
@@ -103,7 +103,7 @@ def _setup(work: Path, n_cells: int, n_genes: int, n_hvg: int, n_latent: int) ->
         import cellxgene_census
         import scvi
 
-        from census_scvi.data._batch import batch_labels
+        from census_scvi.batches import batch_labels
 
         genes = np.linspace(0, n_genes - 1, n_hvg).astype(np.int64)
         with cellxgene_census.open_soma(uri=str(census_uri)) as census:

@@ -5,7 +5,7 @@ For each sample size, on a synthetic latent (10-d, 12 cell types, 8 batches with
 
 - baseline: ``scib_metrics.benchmark.Benchmarker`` with its defaults (pynndescent neighbours,
   every default metric including kBET), one batch key;
-- ours: ``census_scvi._eval_metrics.benchmark`` (exact scikit-learn neighbours shared across batch
+- ours: ``census_scvi.evaluate._metrics.benchmark`` (exact scikit-learn neighbours shared across batch
   keys, ``evaluate.skip_metrics`` default: no kBET, no Leiden), one batch key;
 - per metric: each scib-metrics function timed alone on the scVI-like embedding (first call,
   JAX compilation included, as in a real run).
@@ -26,7 +26,7 @@ import subprocess
 import sys
 import textwrap
 
-from census_scvi._constants import BATCH_METRICS, BIO_METRICS
+from census_scvi.constants import BATCH_METRICS, BIO_METRICS
 
 CHILD = """
 import json, os, resource, sys, time, warnings
@@ -36,7 +36,7 @@ import numpy as np
 import scib_metrics
 from scib_metrics.benchmark import Benchmarker
 import anndata as ad, pandas as pd
-from census_scvi._eval_metrics import benchmark, _CachedNeighbors
+from census_scvi.evaluate._metrics import benchmark, _CachedNeighbors
 
 n, case = int(sys.argv[1]), sys.argv[2]
 rng = np.random.default_rng(0)

@@ -2,7 +2,7 @@
 
 Baseline (what a user would write with scvi-tools): ``SCVI.prepare_query_anndata`` (pads missing
 genes, reorders) + ``SCVI.load_query_data`` + ``get_latent_representation`` on the whole query.
-Ours: ``census_scvi.mapping.gene_overlap`` (overlap report + raw-count check) and
+Ours: ``census_scvi.mapping._stage.gene_overlap`` (overlap report + raw-count check) and
 ``encode_query`` (sparse per-chunk alignment, encoder passes), then ``transfer_labels`` (weighted
 k-NN over the reference embedding) reported separately.
 
@@ -66,7 +66,7 @@ print(json.dumps(out))
 
 def build_run(base: Path) -> Path:
     from census_scvi.config import load_config
-    from census_scvi.data.demo import make_mini_census
+    from census_scvi.demo import make_mini_census
     from census_scvi.pipeline import run_pipeline
 
     census = base / "mini"

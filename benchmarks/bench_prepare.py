@@ -3,7 +3,7 @@
 Both run on the same census(es), each case in its own child process so that peak RSS
 (``ru_maxrss`` from ``os.wait4``) belongs to that case alone:
 
-- ``ours``: ``census_scvi.prepare.run_prepare`` (streamed Seurat v3 HVGs, chunked h5ad write);
+- ``ours``: ``census_scvi.prepare._stage.run_prepare`` (streamed Seurat v3 HVGs, chunked h5ad write);
 - ``original``: what ``scvi-prepare.py`` does: ``cellxgene_census.experimental.pp.
   highly_variable_genes`` with default settings, then ``query.to_anndata(X_name="raw")`` on the
   HVGs and ``write_h5ad(compression="gzip")``.

@@ -31,7 +31,7 @@ def main() -> None:
     import tiledbsoma as soma
     from tiledbsoma_ml.x_locator import XLocator
 
-    from census_scvi.data._soma_reader import IOBatchReader
+    from census_scvi.train._soma_reader import IOBatchReader
 
     prep = Path(args.run) / "prepare"
     cells = np.sort(pd.read_parquet(prep / "cells.parquet")["soma_joinid"].to_numpy())

@@ -54,8 +54,8 @@ def child(a: dict) -> dict:
     import torch
 
     torch.set_num_threads(a["threads"])
-    from census_scvi._train_callbacks import ThroughputMonitor
     from census_scvi.config import load_config
+    from census_scvi.train._callbacks import ThroughputMonitor
 
     class Clock(ThroughputMonitor):
         """Also the process CPU time of each timed span (all threads; stabler under load)."""
@@ -133,7 +133,7 @@ def loaders_only(a: dict) -> dict:
         loader = splitter.train_dataloader()
     else:
         from census_scvi.config import load_config
-        from census_scvi.train import _build_model, _stream_inputs
+        from census_scvi.train._stage import _build_model, _stream_inputs
 
         cfg = load_config(None, overrides=[*_overrides(a), "train.mode=stream"])
         _, dm, _ = _build_model(cfg, _stream_inputs(cfg, run / "prepare"))
@@ -251,7 +251,7 @@ def main() -> None:
         print("RESULT " + json.dumps(child(json.loads(args.child))), flush=True)
         return
 
-    from census_scvi.data.demo import make_mini_census
+    from census_scvi.demo import make_mini_census
 
     work = Path(args.workdir)
     census = Path(args.census) if args.census else work / f"census-{args.cells}x{args.genes}"

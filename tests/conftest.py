@@ -21,7 +21,7 @@ MINI_GENES = 1000
 @pytest.fixture(scope="session")
 def mini_census_result(tmp_path_factory: pytest.TempPathFactory):
     """The mini census generator's result for a small census (3000 human cells x 1000 genes)."""
-    from census_scvi.data.demo import make_mini_census
+    from census_scvi.demo import make_mini_census
 
     path = tmp_path_factory.mktemp("census") / "mini"
     return make_mini_census(path, n_cells=MINI_CELLS, n_genes=MINI_GENES, seed=0)

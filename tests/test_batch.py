@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from census_scvi._errors import CensusScviError
+from census_scvi.batches import batch_codes, batch_labels
 from census_scvi.config import load_config
-from census_scvi.data._batch import batch_codes, batch_labels
+from census_scvi.errors import CensusScviError
 
 
 def _original(obs: pd.DataFrame, keys: list[str]) -> list[str]:

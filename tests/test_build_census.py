@@ -16,8 +16,8 @@ import pytest
 import scipy.sparse as sp
 import tiledbsoma as soma
 
-from census_scvi._errors import CensusScviError
-from census_scvi.build_census import build_census
+from census_scvi.build import build_census
+from census_scvi.errors import CensusScviError
 from conftest import shared_data
 
 HS = "Homo sapiens"
@@ -318,7 +318,7 @@ def test_append_then_replace(tmp_path):
 
 
 def test_failed_append_leaves_census_unchanged(tmp_path, monkeypatch):
-    import census_scvi.build_census as bc
+    import census_scvi.build._stage as bc
 
     uri = str(tmp_path / "census")
     make_h5ad(tmp_path / "a.h5ad", n_cells=30, seed=1)
@@ -467,13 +467,15 @@ def test_cli_build_census(tmp_path):
 # real data through the pipeline
 # ----------------------------------------------------------------------------------------------
 _HAVE_STAGES = all(
-    importlib.util.find_spec(m) is not None for m in ("census_scvi.prepare", "census_scvi.train")
+    importlib.util.find_spec(m) is not None
+    for m in ("census_scvi.prepare._stage", "census_scvi.train._stage")
 )
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not _HAVE_STAGES, reason="census_scvi.prepare / census_scvi.train are not written yet"
+    not _HAVE_STAGES,
+    reason="census_scvi.prepare._stage / census_scvi.train._stage are not written yet",
 )
 def test_shared_data_census_through_prepare_and_train(tmp_path):
     zheng = shared_data("zheng_sorted_pbmc_9types.h5ad")

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from census_scvi import CensusScviError, load_config
 from census_scvi.cli import app
-from census_scvi.data import get_experiment, open_census
-from census_scvi.data.demo import make_mini_census
+from census_scvi.demo import make_mini_census
+from census_scvi.soma import get_experiment, open_census
 
 OBS_STRING = [
     "dataset_id", "assay", "assay_ontology_term_id", "cell_type", "cell_type_ontology_term_id",

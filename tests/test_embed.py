@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from census_scvi._constants import (
+from census_scvi.config import Config, dump_config, load_config
+from census_scvi.constants import (
     EMBEDDING_INFO_KEY,
     EMBEDDING_SOMA,
     LATENT_FILE,
@@ -30,9 +31,8 @@ from census_scvi._constants import (
     MINIFIED_MODEL_DIR,
     PROGRESS_FILE,
 )
-from census_scvi._errors import CensusScviError
-from census_scvi.config import Config, dump_config, load_config
-from census_scvi.embed import CHUNK_SLEEP_ENV, round_bfloat16, run_embed
+from census_scvi.embed._stage import CHUNK_SLEEP_ENV, round_bfloat16, run_embed
+from census_scvi.errors import CensusScviError
 
 BATCH_PARTS = ["dataset_id", "assay", "suspension_type", "donor_id"]
 TRAIN_DATASETS = ["hs-dataset-00", "hs-dataset-01", "hs-dataset-02"]
@@ -59,7 +59,7 @@ def train_tiny_model(census_uri: str, run_dir: Path) -> Path:
     import cellxgene_census
     import scvi
 
-    from census_scvi.data._batch import batch_labels
+    from census_scvi.batches import batch_labels
 
     datasets = ", ".join(f"'{d}'" for d in TRAIN_DATASETS)
     with cellxgene_census.open_soma(uri=census_uri) as census:
@@ -95,7 +95,7 @@ def original_latent(census_uri: str, model_dir: Path) -> tuple[np.ndarray, ...]:
     import cellxgene_census
     import scvi
 
-    from census_scvi.data._batch import batch_labels
+    from census_scvi.batches import batch_labels
 
     var_names = scvi.model.SCVI.load_registry(str(model_dir))["field_registries"]["X"][
         "state_registry"
@@ -272,7 +272,7 @@ def test_round_bfloat16_matches_torch():
 
 
 def test_shard_chunk_partition():
-    from census_scvi._embed_store import shard_chunks
+    from census_scvi.embed._store import shard_chunks
 
     for n_chunks in (1, 7, 8, 100):
         for n in (1, 2, 3, 5):
@@ -379,7 +379,7 @@ def test_torchrun_style_ranks_rank0_merges(mini_census, model_run, embedded, tmp
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    from census_scvi.embed import _launched_shard
+    from census_scvi.embed._stage import _launched_shard
 
     assert _launched_shard() is None  # e.g. Lightning's leftover WORLD_SIZE: not a launch
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")

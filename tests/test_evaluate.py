@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from _evalmap_fixtures import reference_run, tiny_config
-from census_scvi._errors import CensusScviError
 from census_scvi.cli import app
 from census_scvi.config import dump_config
+from census_scvi.errors import CensusScviError
 from census_scvi.evaluate import classifier_accuracy, run_evaluate, stratified_sample
 
 
@@ -132,7 +132,7 @@ def test_umap_coords_above_scanpy_nndescent_threshold():
     """Above 4,096 cells scanpy switches to pynndescent, which broke with scipy 1.17."""
     import numpy as np
 
-    from census_scvi._eval_report import umap_coords
+    from census_scvi.evaluate._report import umap_coords
 
     rng = np.random.default_rng(0)
     centers = rng.normal(0, 8, (3, 5))
@@ -151,7 +151,7 @@ def test_benchmark_when_no_label_spans_two_batches():
     """E.g. a census of one annotated and one unannotated ('unknown') dataset."""
     import numpy as np
 
-    from census_scvi._eval_metrics import benchmark
+    from census_scvi.evaluate._metrics import benchmark
 
     rng = np.random.default_rng(0)
     n = 300
@@ -179,7 +179,7 @@ def test_metric_names_are_scib_metrics_switches():
 
     from scib_metrics.benchmark import BatchCorrection, BioConservation
 
-    from census_scvi._constants import BATCH_METRICS, BIO_METRICS
+    from census_scvi.constants import BATCH_METRICS, BIO_METRICS
 
     assert set(BIO_METRICS) == {f.name for f in fields(BioConservation)}
     assert set(BATCH_METRICS) == {f.name for f in fields(BatchCorrection)}

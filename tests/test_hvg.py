@@ -11,8 +11,8 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 
-from census_scvi._errors import CensusScviError
-from census_scvi.data._hvg import seurat_v3_from_chunks
+from census_scvi.errors import CensusScviError
+from census_scvi.prepare._hvg import seurat_v3_from_chunks
 
 COLUMNS = [
     "means",

@@ -14,8 +14,8 @@ import scipy.sparse as sp
 from typer.testing import CliRunner
 
 from _evalmap_fixtures import held_out_query, reference_run
-from census_scvi._errors import CensusScviError
 from census_scvi.cli import app
+from census_scvi.errors import CensusScviError
 from census_scvi.mapping import align_genes, gene_overlap, run_map, transfer_labels
 
 MODEL_GENES = ["ENSG01", "ENSG02", "ENSG03", "ENSG04", "ENSG05"]
@@ -214,7 +214,7 @@ def test_refuses_low_overlap_naming_numbers_and_cause(mapped, reference, tmp_pat
     assert not (tmp_path / "o.h5ad").exists()
     # half the model genes: a warning, and the mapping goes on
     model_genes = ad.read_h5ad(query).var_names  # all census genes; the model uses 500 of them
-    from census_scvi._embed_model import model_registry
+    from census_scvi.scvi_model import model_registry
 
     genes = model_registry(reference / "train" / "scvi.model")["field_registries"]["X"][
         "state_registry"
@@ -256,7 +256,7 @@ T_CELLS = {"memoryt", "regulatoryt", "thelper", "cytotoxict", "naivet", "naivecy
 
 @pytest.mark.slow
 def test_real_pbmc_maps_onto_sorted_pbmc_reference(shared_file, tmp_path):
-    from census_scvi.build_census import build_census
+    from census_scvi.build import build_census
     from census_scvi.config import load_config
     from census_scvi.pipeline import run_pipeline
 
@@ -286,7 +286,7 @@ def test_real_pbmc_maps_onto_sorted_pbmc_reference(shared_file, tmp_path):
     res = run_map(pbmc, run_dir=run_dir, out=out, gene_ids="gene_ids")
 
     # overlap oracle: the model's genes vs the query's non-missing gene_ids
-    from census_scvi._embed_model import model_registry
+    from census_scvi.scvi_model import model_registry
 
     genes = pd.Index(
         model_registry(run_dir / "train" / "scvi.model")["field_registries"]["X"]["state_registry"][

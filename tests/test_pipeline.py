@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from census_scvi import pipeline
-from census_scvi._errors import CensusScviError
 from census_scvi.cli import app
 from census_scvi.config import load_config
+from census_scvi.errors import CensusScviError
 from census_scvi.pipeline import run_pipeline, stage_range
 
 
@@ -75,7 +75,7 @@ def test_runs_selected_stages_in_order(monkeypatch, tmp_path):
 
 
 def test_train_resume_detection(tmp_path):
-    from census_scvi._train_callbacks import LAST_CHECKPOINT
+    from census_scvi.train._callbacks import LAST_CHECKPOINT
 
     assert not pipeline._train_interrupted(tmp_path)
     ckpt = tmp_path / "train" / "checkpoints" / LAST_CHECKPOINT

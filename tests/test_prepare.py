@@ -15,10 +15,10 @@ import scanpy as sc
 import scipy.sparse as sp
 from typer.testing import CliRunner
 
-from census_scvi._errors import CensusScviError
+from census_scvi.batches import batch_labels
 from census_scvi.cli import app
 from census_scvi.config import load_config
-from census_scvi.data._batch import batch_labels
+from census_scvi.errors import CensusScviError
 from census_scvi.prepare import run_prepare
 
 ASSAYS = ["10x 3' v3", "10x 3' v2", "10x 5' v1", "Smart-seq2"]
@@ -204,7 +204,7 @@ def test_changed_census_is_detected(tmp_path):
 
 def test_failed_write_leaves_no_partial_files(census, tmp_path, monkeypatch):
     uri, _ = census
-    import census_scvi.data._prepare_io as io
+    import census_scvi.prepare._io as io
 
     def boom(path, *a, **k):
         Path(path).write_bytes(b"partial")
@@ -333,7 +333,7 @@ def test_cli_end_to_end(mini_census, tmp_path):
 # chunked reads
 # ----------------------------------------------------------------------------------------------
 def test_plan_chunks_respects_the_budget():
-    from census_scvi.data._prepare_io import plan_chunks
+    from census_scvi.soma import plan_chunks
 
     nnz = np.random.default_rng(0).integers(1, 500, 1000)
     chunks = plan_chunks(nnz, 1000, chunk_nnz=2000, mean_nnz=0)
@@ -348,7 +348,7 @@ def test_plan_chunks_respects_the_budget():
 def test_iter_x_chunks_reads_exactly_the_selection(census, every):
     import tiledbsoma as soma
 
-    from census_scvi.data._prepare_io import iter_x_chunks, plan_chunks
+    from census_scvi.soma import iter_x_chunks, plan_chunks
 
     uri, adata = census
     ids = np.arange(5, adata.n_obs, every, dtype=np.int64)

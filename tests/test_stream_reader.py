@@ -19,7 +19,7 @@ def _dense_oracle(dim0, dim1, data, joinids, var_joinids):
 
 
 def test_kernels_match_dense_numpy():
-    from census_scvi.data._soma_reader import coo_to_csr, filter_coo
+    from census_scvi.train._soma_reader import coo_to_csr, filter_coo
 
     rng = np.random.default_rng(0)
     n_cells, n_genes = 60, 50
@@ -53,7 +53,7 @@ def test_reader_equals_tiledbsoma_read(mini_census, monkeypatch, buffer_bytes):
     import tiledbsoma as soma
     from tiledbsoma_ml.x_locator import XLocator
 
-    from census_scvi.data import _soma_reader
+    from census_scvi.train import _soma_reader
 
     if buffer_bytes is not None:  # many small result tables: the concatenating path
         monkeypatch.setattr(_soma_reader, "READ_BUFFER_BYTES", buffer_bytes)
@@ -94,7 +94,7 @@ def _module(mini_census, **kwargs):
     """A stream data module over every mini-census cell, 100 genes, dataset as the batch."""
     import tiledbsoma as soma
 
-    from census_scvi.data._datamodule import SomaStreamDataModule
+    from census_scvi.train._datamodule import SomaStreamDataModule
 
     uri = f"{mini_census}/census_data/homo_sapiens"
     with soma.Experiment.open(uri) as exp:

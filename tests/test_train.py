@@ -15,11 +15,11 @@ import torch
 from lightning.pytorch import Callback
 from typer.testing import CliRunner
 
-from census_scvi._errors import CensusScviError
 from census_scvi.cli import app
 from census_scvi.config import ModelConfig, TrainingPlanConfig, load_config
+from census_scvi.errors import CensusScviError
 from census_scvi.prepare import run_prepare
-from census_scvi.train import (
+from census_scvi.train._stage import (
     DDP_STRATEGY,
     resolve_devices,
     run_train,
@@ -389,7 +389,7 @@ def test_cli_end_to_end(prepared, tmp_path, mini_census):
 def test_stream_datamodule_split_shuffle_and_ranks(prepared, mini_census):
     import scvi
 
-    from census_scvi.data._datamodule import SomaStreamDataModule, split_rows
+    from census_scvi.train._datamodule import SomaStreamDataModule, split_rows
 
     cells = pd.read_parquet(prepared / "prepare/cells.parquet")
     hvg = pd.read_parquet(prepared / "prepare/hvg.parquet")

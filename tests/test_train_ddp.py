@@ -20,7 +20,7 @@ import pytest
 
 from census_scvi.config import load_config
 from census_scvi.prepare import run_prepare
-from census_scvi.train import DDP_STRATEGY
+from census_scvi.train._stage import DDP_STRATEGY
 
 SCRIPT = textwrap.dedent(
     """

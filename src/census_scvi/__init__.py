@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from census_scvi._errors import CensusScviError
 from census_scvi.config import Config, load_config
+from census_scvi.errors import CensusScviError
 
 __version__ = "0.1.0"
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from census_scvi import __version__
-from census_scvi._errors import CensusScviError
+from census_scvi.errors import CensusScviError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -66,7 +66,7 @@ def _main(
     ] = False,
 ) -> None:
     """census-scvi: scVI on the CELLxGENE Census, at any scale."""
-    from census_scvi._track import set_progress
+    from census_scvi.progress import set_progress
 
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 0 or debug else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
@@ -124,7 +124,7 @@ def demo_data(
     """Write the mini census: a small SOMA census in the Census layout and schema."""
 
     def go() -> Any:
-        from census_scvi.data.demo import make_mini_census
+        from census_scvi.demo import make_mini_census
 
         return make_mini_census(path, n_cells=cells, n_genes=genes, seed=seed, force=force)
 
@@ -316,7 +316,7 @@ def build_census_cmd(
     """Build a Census-schema SOMA experiment from h5ad files."""
 
     def go() -> Any:
-        from census_scvi.build_census import build_census
+        from census_scvi.build import build_census
 
         return build_census(
             out_uri, h5ads, organism=organism, gene_ids=gene_ids, counts_layer=counts_layer,

@@ -25,8 +25,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from census_scvi._constants import BATCH_METRICS, BIO_METRICS, CACHE_ENV
-from census_scvi._errors import CensusScviError
+from census_scvi.constants import BATCH_METRICS, BIO_METRICS, CACHE_ENV
+from census_scvi.errors import CensusScviError
 
 __all__ = [
     "AnnDataConfig",

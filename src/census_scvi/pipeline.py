@@ -3,7 +3,7 @@
 Each stage decides by itself whether its ``manifest.json`` matches its config and inputs (then it
 returns a "skipped" result at once), so a rerun after a crash or a config change redoes exactly
 the stages whose inputs changed: a new model changes embed's inputs, a new embedding evaluate's.
-``evaluate`` runs when the ``census_scvi.evaluate`` module is available.
+``evaluate`` runs when the ``census_scvi.evaluate._stage`` module is available.
 
 Examples
 --------
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from census_scvi._constants import (
+from census_scvi.constants import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     EMBED_DIR,
@@ -35,8 +35,8 @@ from census_scvi._constants import (
     STAGES,
     TRAIN_DIR,
 )
-from census_scvi._errors import CensusScviError
-from census_scvi.artifacts import write_run_config
+from census_scvi.errors import CensusScviError
+from census_scvi.rundir import write_run_config
 
 if TYPE_CHECKING:
     from census_scvi.config import Config
@@ -143,7 +143,7 @@ def stage_range(
 
 def _is_global_zero() -> bool:
     """False in a process a launcher (Lightning DDP, SLURM) started as another rank."""
-    from census_scvi.train import _env_is_global_zero
+    from census_scvi.train._stage import _env_is_global_zero
 
     return _env_is_global_zero()
 
@@ -151,7 +151,7 @@ def _is_global_zero() -> bool:
 def _train_interrupted(run_dir: Path) -> bool:
     """A training run left checkpoints but no manifest: continue it rather than refuse."""
     try:
-        from census_scvi._train_callbacks import LAST_CHECKPOINT
+        from census_scvi.train._callbacks import LAST_CHECKPOINT
     except ImportError:  # pragma: no cover - depends on the train module's internals
         LAST_CHECKPOINT = "last.ckpt"
     train_dir = run_dir / TRAIN_DIR

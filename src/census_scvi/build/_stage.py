@@ -1,0 +1,487 @@
+"""Bring your own census: build a Census-schema SOMA experiment from h5ad files.
+
+Each input h5ad becomes one ``dataset_id`` in ``census_data/<organism>`` of a SOMA collection laid
+out like the CELLxGENE Census (``census_info/{summary, datasets, summary_cell_counts,
+organisms}``), so ``cellxgene_census.open_soma(uri=OUT_URI)`` and every census-scvi stage
+(``census.uri: OUT_URI``) work on it. Ingestion uses tiledbsoma's multi-file append workflow
+(``tiledbsoma.io.register_anndatas`` + ``from_anndata``); see :mod:`census_scvi.build._soma` for
+the staging that keeps an existing census intact when a build fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from census_scvi.build._input import (
+    PreparedDataset,
+    load_columns_map,
+    peek_dataset_id,
+    prepare_h5ad,
+)
+from census_scvi.build._soma import (
+    clone_census,
+    create_census_root,
+    dataset_organisms,
+    drop_member,
+    export_chunks,
+    gene_nnz,
+    has_obs_key,
+    ingest,
+    read_dataframe,
+    read_presence,
+    staging_path,
+    swap_into_place,
+    write_census_info,
+    write_presence,
+    write_var_stats,
+)
+from census_scvi.constants import CENSUS_DATA, CENSUS_INFO
+from census_scvi.errors import CensusScviError
+from census_scvi.progress import track
+from census_scvi.soma._open import experiment_name
+from census_scvi.soma._schema import DATASET_COLUMNS, UNKNOWN
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["BuildResult", "DatasetReport", "build_census"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DatasetReport:
+    """What happened to one input file."""
+
+    dataset_id: str
+    path: str
+    n_cells: int
+    n_genes: int
+    counts_source: str
+    n_genes_in: int
+    n_missing_ids: int
+    n_merged_ids: int
+    symbol_keyed: bool
+    placeholders: list[str]
+    mapped: dict[str, str]
+    replaced: bool
+
+
+@dataclass
+class BuildResult:
+    """Result of :func:`build_census`."""
+
+    uri: str
+    organism: str
+    created: bool
+    datasets: list[DatasetReport]
+    kept_datasets: int
+    """Datasets of the organism that were already in the census and are still there."""
+    n_cells: int
+    """Cells of the organism's experiment after the build."""
+    n_genes: int
+    """Genes (var rows) of the organism's experiment after the build."""
+    total_cells: int
+    """Cells in the whole census (all organisms)."""
+    seconds: float
+    peak_rss_bytes: int
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        verb = "created" if self.created else "updated"
+        lines = [
+            f"census {verb} at {self.uri} ({self.seconds:.1f} s, peak RSS "
+            f"{self.peak_rss_bytes / 2**30:.2f} GiB)",
+            f"  {self.organism}: {self.n_cells:,} cells x {self.n_genes:,} genes "
+            f"({self.kept_datasets + len(self.datasets)} datasets, "
+            f"{len(self.datasets)} from this build); whole census {self.total_cells:,} cells",
+        ]
+        for d in self.datasets:
+            action = "replaced" if d.replaced else "added"
+            lines.append(
+                f"  {action} {d.dataset_id} <- {d.path}: {d.n_cells:,} cells x {d.n_genes:,} "
+                f"genes, counts from {d.counts_source}"
+            )
+            if d.n_missing_ids:
+                lines.append(f"    dropped {d.n_missing_ids:,} genes without an id")
+            if d.n_merged_ids:
+                lines.append(f"    summed {d.n_merged_ids:,} genes sharing an id with another")
+            if d.mapped:
+                pairs = ", ".join(f"{k} <- {v}" for k, v in d.mapped.items())
+                lines.append(f"    mapped columns: {pairs}")
+            if d.placeholders:
+                # an ontology id column whose label column is a placeholder too goes unsaid
+                shown = [
+                    c
+                    for c in d.placeholders
+                    if not (
+                        c.endswith("_ontology_term_id")
+                        and c.removesuffix("_ontology_term_id") in d.placeholders
+                    )
+                ]
+                lines.append(
+                    f"    {len(d.placeholders)} columns set to '{UNKNOWN}' (not in the file, not "
+                    f"mapped): {', '.join(shown)} (and their ontology ids)"
+                )
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _check_out_uri(out_uri: str) -> Path:
+    if "://" in out_uri and not out_uri.startswith("file://"):
+        msg = f"build-census writes local folders only, got '{out_uri}'"
+        raise CensusScviError(msg, hint="build locally, then copy the folder to object storage")
+    return Path(out_uri.removeprefix("file://")).expanduser().absolute()
+
+
+def build_census(
+    out_uri: str | os.PathLike[str],
+    h5ads: Sequence[str | os.PathLike[str]],
+    *,
+    organism: str = "homo_sapiens",
+    gene_ids: str | None = None,
+    counts_layer: str | None = None,
+    columns: str | os.PathLike[str] | None = None,
+    append: bool = False,
+    replace: bool = False,
+) -> BuildResult:
+    """Build (or extend) a Census-schema SOMA census from h5ad files.
+
+    Parameters
+    ----------
+    out_uri
+        Census root folder to create, or (with ``append``) to add to.
+    h5ads
+        Input files, one dataset each. The ``dataset_id`` is taken from a ``--columns``
+        ``dataset_id`` mapping, else ``uns['dataset_id']``, else a single-valued obs
+        ``dataset_id``, else the file stem.
+    organism
+        Experiment to write: ``'homo_sapiens'`` or ``'Homo sapiens'`` style.
+    gene_ids
+        var column holding Ensembl ids (default: the var index). Genes without an id are dropped;
+        genes sharing an id have their counts summed.
+    counts_layer
+        Layer holding the raw counts (default: ``X``, else ``.raw.X``). The counts must be
+        non-negative integers (float storage is fine); they are stored as float32 ``X/raw``.
+    columns
+        YAML file mapping Census obs columns to the files' columns (``donor_id: patient``).
+        Census columns neither matched by name nor mapped are filled with ``"unknown"``;
+        ``is_primary_data`` defaults to True.
+    append
+        Add to an existing census (required when ``out_uri`` exists).
+    replace
+        With ``append``: replace datasets whose ``dataset_id`` is already present. SOMA cannot
+        delete cells, so the organism's experiment is rebuilt without them (cells and genes keep
+        their order; cells after a replaced dataset get new ``soma_joinid`` values). A census not
+        built by build-census (no ``source_obs_id`` column) is rebuilt the same way, once, on its
+        first append.
+
+    Returns
+    -------
+    :class:`BuildResult` (``.summary()`` for a report).
+
+    Writes obs (the Census columns, plus the computed ``raw_sum``, ``nnz``, ``raw_mean_nnz``,
+    ``raw_variance_nnz``, ``n_measured_vars``, plus ``source_obs_id`` =
+    ``"<dataset_id>:<obs name>"``, the unique key tiledbsoma's append registration matches cells
+    on), ``ms/RNA/var`` (``feature_id``,
+    ``feature_name``, ``feature_length``, ``nnz``, ``n_measured_obs``), ``ms/RNA/X/raw`` and
+    ``ms/RNA/feature_dataset_presence_matrix``; the build happens in a staging folder renamed onto
+    ``out_uri`` on success, so a failed build leaves an existing census unchanged.
+
+    Examples
+    --------
+    >>> res = build_census("atlas.soma", ["a.h5ad", "b.h5ad"], gene_ids="gene_ids")  # doctest: +SKIP
+    >>> import cellxgene_census
+    >>> census = cellxgene_census.open_soma(uri="atlas.soma")  # doctest: +SKIP
+    """
+    from census_scvi.rundir import peak_rss_bytes
+
+    t0 = time.perf_counter()
+    out = _check_out_uri(os.fspath(out_uri))
+    paths = [Path(p).expanduser() for p in h5ads]
+    if not paths:
+        msg = "build-census needs at least one input h5ad"
+        raise CensusScviError(msg)
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        msg = f"input h5ad file(s) not found: {', '.join(missing)}"
+        raise CensusScviError(msg)
+    org = experiment_name(organism)
+    if not org.replace("_", "").isalnum():
+        msg = f"organism '{organism}' is not a valid experiment name"
+        raise CensusScviError(msg, hint="e.g. homo_sapiens or 'Mus musculus'")
+    colmap = load_columns_map(None if columns is None else Path(columns))
+    existed = out.exists()
+    if existed and not append:
+        msg = f"{out} already exists"
+        raise CensusScviError(msg, hint="pass --append to add datasets to it, or choose a new path")
+
+    # which datasets: ids first (cheap), so conflicts fail before any work
+    ids: list[str] = []
+    for p in paths:
+        dsid, _ = peek_dataset_id(p, colmap)
+        ids.append(dsid)
+    dups = sorted({d for d in ids if ids.count(d) > 1})
+    if dups:
+        msg = f"several inputs have the same dataset_id: {', '.join(dups)}"
+        raise CensusScviError(msg, hint="rename the files or set uns['dataset_id'] in each")
+    old_datasets, old_summary, holders = _existing(out) if existed else (None, None, {})
+    conflicts = [d for d in ids if d in holders]
+    if conflicts and not replace:
+        msg = f"dataset_id(s) already in the census: {', '.join(conflicts)}"
+        raise CensusScviError(msg, hint="pass --replace to replace them")
+    elsewhere = [d for d in conflicts if holders[d] != org]
+    if elsewhere:
+        msg = f"dataset_id(s) {', '.join(elsewhere)} belong to another organism in this census"
+        raise CensusScviError(msg, hint="give the new files other dataset ids")
+
+    staging = staging_path(out, "staging")
+    try:
+        if existed:
+            clone_census(out, staging)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            create_census_root(staging)
+        result = _build(
+            staging,
+            out,
+            org,
+            paths,
+            ids,
+            conflicts,
+            old_datasets,
+            old_summary,
+            gene_ids=gene_ids,
+            counts_layer=counts_layer,
+            columns=colmap,
+        )
+        swap_into_place(staging, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    result.created = not existed
+    result.seconds = time.perf_counter() - t0
+    result.peak_rss_bytes = peak_rss_bytes()
+    return result
+
+
+def _existing(out: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None, dict[str, str]]:
+    """The existing census's datasets table, summary and ``dataset_id -> organism``."""
+    from census_scvi.soma._open import open_census_uri
+
+    census = open_census_uri(str(out))
+    try:
+        datasets = summary = None
+        if CENSUS_INFO in census:
+            info = census[CENSUS_INFO]
+            if "datasets" in info:
+                datasets = read_dataframe(info["datasets"])
+            if "summary" in info:
+                summary = read_dataframe(info["summary"])
+        holders = dataset_organisms(census)
+    finally:
+        census.close()
+    return datasets, summary, holders
+
+
+def _datasets_frame(old: pd.DataFrame | None) -> pd.DataFrame:
+    import pandas as pd
+
+    names = [c for c, _ in DATASET_COLUMNS]
+    if old is None or len(old) == 0:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in names})
+    frame = old.drop(columns=[c for c in ("soma_joinid",) if c in old.columns])
+    for c, kind in DATASET_COLUMNS:
+        if c not in frame.columns:
+            frame[c] = 0 if kind == "int64" else ""
+    return frame[names].reset_index(drop=True)
+
+
+def _build(
+    staging: Path,
+    out: Path,
+    org: str,
+    paths: list[Path],
+    ids: list[str],
+    conflicts: list[str],
+    old_datasets: pd.DataFrame | None,
+    old_summary: pd.DataFrame | None,
+    *,
+    gene_ids: str | None,
+    counts_layer: str | None,
+    columns: dict[str, str],
+) -> BuildResult:
+    import pandas as pd
+    import tiledbsoma as soma
+
+    data_uri = f"{staging}/{CENSUS_DATA}"
+    exp_uri = f"{data_uri}/{org}"
+    table = _datasets_frame(old_datasets)
+    row_of = {str(d): i for i, d in enumerate(table["dataset_id"])}
+    old_presence = None
+    rebuild = False
+    present: list[str] = []
+    if soma.Experiment.exists(exp_uri):
+        with soma.Experiment.open(exp_uri) as exp:
+            old_presence = read_presence(exp)
+            present = _dataset_ids_in(exp)
+            # SOMA cannot delete cells, and a census built elsewhere lacks the registration key:
+            # both rebuild the organism's experiment (cells and genes keep their order)
+            rebuild = bool(conflicts) or not has_obs_key(exp)
+    for d in present:  # a census built elsewhere may lack datasets-table rows
+        if d not in row_of:
+            row_of[d] = len(table)
+            table.loc[len(table)] = [
+                d if c == "dataset_id" else (0 if kind == "int64" else "")
+                for c, kind in DATASET_COLUMNS
+            ]
+    kept = [d for d in present if d not in conflicts]
+    removed = None
+    if rebuild:
+        # (the old presence rows of kept datasets stay valid: var keeps its soma_joinids)
+        removed = _rebuild(out, staging, org, conflicts, row_of, old_presence)
+
+    added: list[tuple[int, PreparedDataset]] = []
+    reports: list[DatasetReport] = []
+    warnings: list[str] = []
+    schema_versions: set[str] = set()
+    for path, dsid in track(list(zip(paths, ids, strict=True)), description="ingesting"):
+        logger.info("ingesting %s as dataset %s", path.name, dsid)
+        ds = prepare_h5ad(
+            path, organism=org, gene_ids=gene_ids, counts_layer=counts_layer, columns=columns
+        )
+        ingest(data_uri, org, ds.adata, label=f"{path.name} (dataset {dsid})")
+        values = {**ds.info, "dataset_id": dsid, "dataset_total_cell_count": ds.n_cells}
+        if dsid not in row_of:
+            row = len(table)
+            table.loc[row] = [values.get(c, "") for c, _ in DATASET_COLUMNS]
+            row_of[dsid] = row
+        else:
+            row = row_of[dsid]
+            for c, _ in DATASET_COLUMNS:
+                table.at[row, c] = values.get(c, "")
+        if ds.schema_version:
+            schema_versions.add(ds.schema_version)
+        if ds.symbol_keyed:
+            warnings.append(
+                f"{path.name}: genes look like symbols, not Ensembl ids (use --gene-ids COLUMN)"
+            )
+        reports.append(
+            DatasetReport(
+                dataset_id=dsid,
+                path=str(path),
+                n_cells=ds.n_cells,
+                n_genes=ds.n_genes,
+                counts_source=ds.source,
+                n_genes_in=ds.n_genes_in,
+                n_missing_ids=ds.n_missing_ids,
+                n_merged_ids=ds.n_merged_ids,
+                symbol_keyed=ds.symbol_keyed,
+                placeholders=ds.placeholders,
+                mapped=ds.mapped,
+                replaced=dsid in conflicts,
+            )
+        )
+        ds.release()
+        added.append((row, ds))
+
+    # census-wide columns and tables; cell counts of this organism's datasets from obs
+    with soma.Experiment.open(exp_uri) as exp:
+        obs_ids = read_dataframe(exp.obs, ["dataset_id"])["dataset_id"].astype(str)
+    table["dataset_total_cell_count"] = pd.to_numeric(table["dataset_total_cell_count"]).astype(
+        "int64"
+    )
+    for d, n in obs_ids.value_counts().items():
+        table.at[row_of[str(d)], "dataset_total_cell_count"] = int(n)
+    var = write_var_stats(exp_uri, (ds for _, ds in added), removed)
+    write_presence(
+        exp_uri,
+        staging,
+        shape=(max(len(table), 1), max(len(var), 1)),
+        old=old_presence,
+        keep_rows=[row_of[d] for d in kept],
+        new=added,
+        var=var,
+    )
+    old_version = None
+    if old_summary is not None and "label" in old_summary.columns:
+        match = old_summary.loc[old_summary["label"] == "dataset_schema_version", "value"]
+        old_version = str(match.iloc[0]) if len(match) else None
+    versions = schema_versions | (
+        {old_version} if old_version and old_version != UNKNOWN else set()
+    )
+    version = versions.pop() if len(versions) == 1 else UNKNOWN
+    total, _ = write_census_info(
+        staging, datasets=table, old_summary=old_summary, dataset_schema_version=version
+    )
+    return BuildResult(
+        uri=str(out),
+        organism=org,
+        created=False,
+        datasets=reports,
+        kept_datasets=len(kept),
+        n_cells=len(obs_ids),
+        n_genes=len(var),
+        total_cells=total,
+        seconds=0.0,
+        peak_rss_bytes=0,
+        warnings=warnings,
+    )
+
+
+def _rebuild(
+    out: Path,
+    staging: Path,
+    org: str,
+    conflicts: list[str],
+    row_of: dict[str, int],
+    presence: tuple[Any, Any, Any] | None,
+) -> tuple[Any, Any] | None:
+    """Re-ingest the organism's cells minus the replaced datasets, in order, into staging.
+
+    Reads the untouched original census. Returns the replaced datasets' ``(nnz, n_measured_obs)``
+    per var soma_joinid (to subtract from var), or None when no cell is kept (var starts anew).
+    """
+    import numpy as np
+    import tiledbsoma as soma
+
+    data_uri = f"{staging}/{CENSUS_DATA}"
+    drop_member(data_uri, org, staging)
+    with soma.Experiment.open(f"{out}/{CENSUS_DATA}/{org}") as exp:
+        obs = read_dataframe(exp.obs, ["soma_joinid", "dataset_id"])
+        gone = obs["dataset_id"].astype(str).isin(conflicts).to_numpy()
+        keep = obs["soma_joinid"].to_numpy()[~gone]
+        if len(keep) == 0:
+            return None
+        n_var = int(exp.ms["RNA"].var.count)
+        nnz = np.zeros(n_var, dtype=np.int64)
+        measured = np.zeros(n_var, dtype=np.int64)
+        for d in conflicts:
+            rows = obs["soma_joinid"].to_numpy()[obs["dataset_id"].astype(str).to_numpy() == d]
+            d_nnz = gene_nnz(exp, rows, n_var)
+            nnz += d_nnz
+            if presence is not None and (presence[0] == row_of[d]).any():
+                cols = presence[1][presence[0] == row_of[d]]
+            else:
+                cols = np.flatnonzero(d_nnz)
+            measured[cols] += len(rows)
+        chunks = export_chunks(exp, keep)
+        for i, chunk in enumerate(track(chunks, description="re-ingesting kept cells")):
+            ingest(data_uri, org, chunk, label=f"existing cells (chunk {i})")
+    return nnz, measured
+
+
+def _dataset_ids_in(exp: Any) -> list[str]:
+    """The experiment's dataset ids in obs order of first appearance."""
+    if "obs" not in exp:
+        return []
+    ids = read_dataframe(exp.obs, ["soma_joinid", "dataset_id"])["dataset_id"].astype(str)
+    return list(dict.fromkeys(ids))

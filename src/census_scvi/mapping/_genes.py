@@ -1,0 +1,231 @@
+"""Aligning a query's genes to the model's, the overlap report, and the raw-counts checks.
+
+The alignment is one sparse product per chunk, ``X_query @ S`` with ``S`` a 0/1 matrix (query gene
+-> model gene): it reorders, drops genes the model lacks, leaves model genes the query lacks at
+zero and adds up query columns that share one id, without densifying anything. (scvi-tools'
+``prepare_query_anndata`` pads with a dense block and reports only the gene fraction; we also need
+the fraction of counts and a per-chunk pass for large queries.)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from census_scvi.errors import CensusScviError
+
+if TYPE_CHECKING:
+    import anndata as ad
+    import scipy.sparse as sp
+
+__all__ = [
+    "OverlapReport",
+    "check_counts",
+    "gene_selection",
+    "likely_cause",
+    "log_counts_hint",
+    "query_gene_ids",
+]
+
+_VERSION = re.compile(r"\.\d+$")
+
+
+@dataclass
+class OverlapReport:
+    """How much of the model's gene space a query covers.
+
+    Attributes
+    ----------
+    n_model_genes
+        Genes the model was trained on.
+    n_found
+        Model genes present in the query.
+    gene_fraction
+        ``n_found / n_model_genes``.
+    n_query_genes
+        Genes (columns) in the query.
+    n_query_genes_used
+        Query columns mapped onto a model gene.
+    count_fraction
+        Fraction of the query's total counts in the used columns.
+    n_duplicate_ids
+        Query columns whose id repeats another column's (their counts are added up).
+    gene_id_source
+        ``"var_names"`` or the var column the ids came from.
+    missing_examples
+        A few model genes the query lacks.
+    """
+
+    n_model_genes: int
+    n_found: int
+    gene_fraction: float
+    n_query_genes: int
+    n_query_genes_used: int
+    count_fraction: float = float("nan")
+    n_duplicate_ids: int = 0
+    gene_id_source: str = "var_names"
+    missing_examples: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def line(self) -> str:
+        return (
+            f"{self.n_found:,} / {self.n_model_genes:,} model genes found "
+            f"({self.gene_fraction:.1%}); they hold {self.count_fraction:.1%} of the query's counts "
+            f"({self.n_query_genes_used:,} of {self.n_query_genes:,} query genes used)"
+        )
+
+
+def query_gene_ids(adata: ad.AnnData, gene_ids: str | None) -> npt.NDArray[np.object_]:
+    """The query's gene id per column (None where missing): var_names or the ``gene_ids`` column."""
+    if gene_ids is None:
+        values = pd.Series(adata.var_names, dtype=object)
+    else:
+        if gene_ids not in adata.var.columns:
+            cols = ", ".join(map(str, adata.var.columns)) or "none"
+            msg = f"--gene-ids column '{gene_ids}' is not in the query's var; its columns: {cols}"
+            raise CensusScviError(msg, hint="omit --gene-ids to use the var index")
+        values = pd.Series(adata.var[gene_ids].to_numpy(), dtype=object)
+    out = values.where(values.notna(), None).to_numpy(dtype=object)
+    for i, v in enumerate(out):
+        if v is not None:
+            s = str(v).strip()
+            out[i] = s if s and s.lower() not in ("nan", "none") else None
+    return out
+
+
+def gene_selection(
+    query_ids: Sequence[str | None] | npt.NDArray[np.object_], model_ids: Sequence[str]
+) -> tuple[sp.csr_matrix, npt.NDArray[np.bool_], int]:
+    """The 0/1 matrix mapping query columns onto model genes.
+
+    Ensembl version suffixes (``ENSG00000141510.17``) are ignored when the model's ids have none.
+
+    Returns
+    -------
+    ``(S, used, n_duplicates)``: ``S`` (n_query_genes x n_model_genes), the query columns used,
+    and how many used columns repeat an id already seen.
+    """
+    import scipy.sparse as sp
+
+    model = pd.Index([str(m) for m in model_ids])
+    strip = not any(_VERSION.search(m) and m.startswith("ENS") for m in model[:50])
+    q = np.array(
+        [
+            None if v is None else (_VERSION.sub("", v) if strip and v.startswith("ENS") else v)
+            for v in query_ids
+        ],
+        dtype=object,
+    )
+    target = model.get_indexer(pd.Index(q.astype(str)))
+    target[pd.isna(pd.Series(q)).to_numpy()] = -1
+    used = target >= 0
+    rows = np.flatnonzero(used)
+    s = sp.csr_matrix(
+        (np.ones(rows.size, dtype=np.float32), (rows, target[used])),
+        shape=(len(q), len(model)),
+    )
+    n_dup = int(rows.size - np.unique(target[used]).size)
+    return s, used, n_dup
+
+
+def likely_cause(
+    query_ids: Sequence[str | None] | npt.NDArray[np.object_], model_ids: Sequence[str]
+) -> str:
+    """A guess at why few genes match (symbols vs Ensembl ids, another organism)."""
+    q = [str(v) for v in query_ids if v is not None][:2000]
+    m = [str(v) for v in model_ids][:2000]
+    if not q:
+        return "the query has no gene ids"
+
+    def frac(ids: list[str], prefix: str) -> float:
+        return float(np.mean([i.startswith(prefix) for i in ids])) if ids else 0.0
+
+    model_human = frac(m, "ENSG") > 0.5
+    model_mouse = frac(m, "ENSMUSG") > 0.5
+    q_ens = frac(q, "ENS") > 0.5
+    if (model_human or model_mouse) and not q_ens:
+        return (
+            f"the query's gene ids look like gene symbols (e.g. '{q[0]}') while the model uses "
+            f"Ensembl ids (e.g. '{m[0]}'): pass --gene-ids with the var column holding Ensembl ids"
+        )
+    if model_human and frac(q, "ENSMUSG") > 0.5:
+        return "the query's genes are mouse Ensembl ids (ENSMUSG) but the model is human (ENSG): wrong organism"
+    if model_mouse and frac(q, "ENSG0") > 0.5:
+        return "the query's genes are human Ensembl ids (ENSG) but the model is mouse (ENSMUSG): wrong organism"
+    if not (model_human or model_mouse) and q_ens:
+        return (
+            f"the query uses Ensembl ids (e.g. '{q[0]}') but the model's genes are not "
+            f"(e.g. '{m[0]}'): use the same kind of gene id as the model"
+        )
+    return (
+        "the query measures few of the model's genes (a targeted panel, or a different annotation)"
+    )
+
+
+def check_counts(x: Any, *, where: str, log_hint: str | None) -> None:
+    """Raise when ``x`` (a chunk of the query's X) is not raw counts: NaN, negative or fractional.
+
+    Parameters
+    ----------
+    x
+        A dense array or scipy sparse matrix.
+    where
+        Names the rows checked, for the message (e.g. ``"cells 0-16383"``).
+    log_hint
+        Extra hint when X looks log-normalised and raw counts seem to be elsewhere.
+    """
+    import scipy.sparse as sp
+
+    data = x.data if sp.issparse(x) else np.asarray(x).ravel()
+    if data.size == 0:
+        return
+    data = np.asarray(data)
+    if not np.issubdtype(data.dtype, np.number):
+        msg = f"the query's X has dtype {data.dtype}, not numbers"
+        raise CensusScviError(msg)
+    if np.issubdtype(data.dtype, np.integer):
+        if (data < 0).any():
+            msg = f"the query's X has negative values ({where}, min {data.min()}); raw counts are needed"
+            raise CensusScviError(msg, hint=log_hint or "map the unnormalised UMI/read counts")
+        return
+    bad = ~np.isfinite(data)
+    if bad.any():
+        msg = f"the query's X has {int(bad.sum()):,} NaN or infinite values ({where}); raw counts are needed"
+        raise CensusScviError(msg, hint=log_hint or "map the unnormalised UMI/read counts")
+    if (data < 0).any():
+        msg = f"the query's X has negative values ({where}, min {float(data.min()):.3g}); raw counts are needed"
+        raise CensusScviError(
+            msg, hint=log_hint or "map the unnormalised UMI/read counts (not scaled data)"
+        )
+    frac = data != np.round(data)
+    if frac.any():
+        example = float(data[np.flatnonzero(frac)[0]])
+        msg = (
+            f"the query's X has non-integer values ({where}: {int(frac.sum()):,} values, e.g. "
+            f"{example:.4g}); scVI needs raw counts"
+        )
+        raise CensusScviError(msg, hint=log_hint or "map the unnormalised UMI/read counts")
+
+
+def log_counts_hint(adata: ad.AnnData) -> str | None:
+    """A hint naming where raw counts are, when X does not hold them but ``.raw`` or a layer does."""
+    for name in ("counts", "raw_counts", "raw", "umi", "UMI"):
+        if name in adata.layers:
+            return (
+                f"X looks normalised; raw counts seem to be in layers['{name}']: set "
+                f"adata.X = adata.layers['{name}'], write the h5ad and map it"
+            )
+    if adata.raw is not None:
+        return (
+            "X looks normalised; raw counts may be in .raw: write adata.raw.to_adata() to an h5ad "
+            "and map that"
+        )
+    return None

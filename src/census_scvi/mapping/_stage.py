@@ -1,0 +1,524 @@
+"""Map a user's dataset onto a trained model: gene overlap, latent, label transfer, picture.
+
+``run_map(QUERY.h5ad, run_dir=RUN_DIR, out=OUT.h5ad)``:
+
+1. aligns the query's genes (var index, or the ``gene_ids`` column) to the model's (reordered,
+   missing genes zero-filled, extra genes dropped) and reports the overlap: model genes found and
+   the fraction of the query's counts they hold; warns under ``map.warn_overlap`` and refuses under
+   ``map.min_overlap``, naming the likely cause;
+2. checks X holds raw counts (no NaN, negative or fractional values);
+3. computes the latent with the model's encoder, chunk by chunk (the batch is irrelevant: the
+   encoder does not see covariates);
+4. transfers ``labels`` from the reference, the run's embedded cells (``embed/latent.npy``,
+   ``embed/latent-idx.npy``) labelled from the obs of the census in ``RUN_DIR/config.yaml``, by
+   weighted k-NN with a per-cell confidence; ``"unknown"`` under ``map.unknown_threshold``;
+5. writes OUT.h5ad (the query plus ``obsm["X_scvi"]``, ``obs["predicted_<labels>"]``,
+   ``obs["predicted_<labels>_confidence"]``, ``uns["census_scvi_map"]`` with the overlap report)
+   and ``OUT.umap.png`` (query and a reference sample in one UMAP).
+
+Examples
+--------
+>>> from census_scvi.mapping._stage import run_map
+>>> result = run_map("pbmc.h5ad", run_dir="runs/demo", out="pbmc-mapped.h5ad",
+...                  gene_ids="gene_ids")  # doctest: +SKIP
+>>> print(result.summary())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from census_scvi.constants import CONFIG_FILE, TRAIN_DIR
+from census_scvi.errors import CensusScviError
+from census_scvi.mapping._genes import (
+    OverlapReport,
+    check_counts,
+    gene_selection,
+    likely_cause,
+    log_counts_hint,
+    query_gene_ids,
+)
+from census_scvi.mapping._transfer import KnnLabelTransfer, TransferResult
+from census_scvi.rundir import atomic_path, refuse_overwrite
+
+if TYPE_CHECKING:
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from census_scvi.config import Config
+
+__all__ = [
+    "MapResult",
+    "align_genes",
+    "encode_query",
+    "gene_overlap",
+    "run_map",
+    "transfer_labels",
+]
+
+logger = logging.getLogger(__name__)
+
+OBSM_KEY = "X_scvi"
+UNS_KEY = "census_scvi_map"
+
+
+@dataclass
+class MapResult:
+    """What ``run_map`` did.
+
+    Attributes
+    ----------
+    out
+        The output h5ad.
+    picture
+        The UMAP PNG (None when not drawn).
+    overlap
+        The gene overlap report.
+    label_key
+        The transferred reference column.
+    counts
+        Predicted label -> number of query cells.
+    mean_confidence
+        Mean confidence over the query cells.
+    n_cells
+        Query cells mapped.
+    seconds
+        Wall time.
+    """
+
+    out: Path
+    picture: Path | None
+    overlap: OverlapReport
+    label_key: str
+    counts: dict[str, int] = field(default_factory=dict)
+    mean_confidence: float = float("nan")
+    n_cells: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [
+            f"map: {self.n_cells:,} cells in {self.seconds:.0f} s",
+            f"  genes: {self.overlap.line()}",
+            f"  predicted {self.label_key} (mean confidence {self.mean_confidence:.2f}):",
+        ]
+        total = max(self.n_cells, 1)
+        for name, n in sorted(self.counts.items(), key=lambda kv: -kv[1])[:12]:
+            lines.append(f"    {n:7,} ({n / total:6.1%})  {name}")
+        if len(self.counts) > 12:
+            lines.append(f"    ... and {len(self.counts) - 12} more labels")
+        lines.append(f"  wrote {self.out}")
+        if self.picture is not None:
+            lines.append(f"  picture {self.picture}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# library functions
+# ------------------------------------------------------------------------------------------
+def _chunks(n: int, size: int) -> Iterable[tuple[int, int]]:
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+def _csr(x: Any) -> sp.csr_matrix:
+    import scipy.sparse as sp
+
+    if sp.issparse(x):
+        return sp.csr_matrix(x)
+    return sp.csr_matrix(np.asarray(x))
+
+
+def gene_overlap(
+    adata: ad.AnnData,
+    model_genes: Sequence[str],
+    *,
+    gene_ids: str | None = None,
+    chunk_size: int = 16_384,
+) -> OverlapReport:
+    """Overlap of a query's genes with a model's, and a raw-counts check of X.
+
+    Parameters
+    ----------
+    adata
+        The query (raw counts in X).
+    model_genes
+        The model's gene ids (Ensembl ids for census models), in model order.
+    gene_ids
+        var column holding the ids; default the var index.
+    chunk_size
+        Cells read per pass step.
+
+    Returns
+    -------
+    :class:`OverlapReport` (genes found / model genes, fraction of counts in them, ...).
+
+    Raises
+    ------
+    CensusScviError
+        When X holds NaN, negative or non-integer values (with a hint when raw counts seem to be
+        in ``.raw`` or a ``counts`` layer).
+    """
+    ids = query_gene_ids(adata, gene_ids)
+    s, used, n_dup = gene_selection(ids, model_genes)
+    hint = log_counts_hint(adata)
+    total = 0.0
+    kept = 0.0
+    for start, stop in _chunks(adata.n_obs, chunk_size):
+        x = _csr(adata.X[start:stop])
+        check_counts(x, where=f"cells {start}-{stop - 1}", log_hint=hint)
+        col = np.asarray(x.sum(axis=0)).ravel()
+        total += float(col.sum())
+        kept += float(col[used].sum())
+    found = np.asarray(s.sum(axis=0)).ravel() > 0
+    missing = [str(g) for g, f in zip(model_genes, found, strict=True) if not f][:5]
+    return OverlapReport(
+        n_model_genes=len(model_genes),
+        n_found=int(found.sum()),
+        gene_fraction=float(found.mean()) if len(model_genes) else 0.0,
+        n_query_genes=int(adata.n_vars),
+        n_query_genes_used=int(used.sum()),
+        count_fraction=kept / total if total > 0 else 0.0,
+        n_duplicate_ids=n_dup,
+        gene_id_source=gene_ids or "var_names",
+        missing_examples=missing,
+    )
+
+
+def align_genes(
+    adata: ad.AnnData, model_genes: Sequence[str], *, gene_ids: str | None = None
+) -> sp.csr_matrix:
+    """The query's counts as cells x model genes (model order; missing genes are zero columns).
+
+    Query columns sharing one id are added up; genes the model lacks are dropped.
+
+    Examples
+    --------
+    >>> x = align_genes(query, model.var_names, gene_ids="gene_ids")  # doctest: +SKIP
+    """
+    s, _, _ = gene_selection(query_gene_ids(adata, gene_ids), model_genes)
+    return (_csr(adata.X).astype(np.float32) @ s).tocsr()
+
+
+def encode_query(
+    adata: ad.AnnData,
+    model_dir: str | os.PathLike[str],
+    *,
+    gene_ids: str | None = None,
+    chunk_size: int = 16_384,
+    batch_size: int = 1024,
+    accelerator: str = "auto",
+) -> npt.NDArray[np.float32]:
+    """Latent (posterior mean) of each query cell, by the saved model's encoder, chunk by chunk.
+
+    Parameters
+    ----------
+    adata
+        The query, raw counts in X.
+    model_dir
+        An scvi-tools SCVI save folder (``RUN_DIR/train/scvi.model``), trained with
+        ``encode_covariates=False``.
+    gene_ids
+        var column with the model's kind of gene ids; default the var index.
+    chunk_size
+        Cells aligned (sparse) at once.
+    batch_size
+        Cells densified per encoder pass.
+    accelerator
+        Lightning accelerator name.
+
+    Returns
+    -------
+    float32 array, n_cells x n_latent.
+    """
+    import warnings
+
+    from census_scvi.scvi_model import encode_csr, load_encoder
+
+    with warnings.catch_warnings():
+        # scvi-tools warns about the one-cell stand-in AnnData the encoder is loaded with
+        warnings.filterwarnings("ignore", message=".*fewer than 3 cells.*")
+        encoder = load_encoder(Path(model_dir), accelerator=accelerator)
+    if encoder.encodes_batch:
+        msg = (
+            f"the model at {model_dir} encodes the batch (encode_covariates=true), so a dataset "
+            "from an unseen batch cannot be mapped"
+        )
+        raise CensusScviError(msg, hint="retrain with model.encode_covariates=false")
+    s, _, _ = gene_selection(query_gene_ids(adata, gene_ids), list(encoder.var_names))
+    out = np.empty((adata.n_obs, encoder.n_latent), dtype=np.float32)
+    from census_scvi.progress import track
+
+    steps = list(_chunks(adata.n_obs, chunk_size))
+    for start, stop in track(steps, description="encoding query"):
+        x = (_csr(adata.X[start:stop]).astype(np.float32) @ s).tocsr()
+        out[start:stop] = encode_csr(encoder, x, batch_size=batch_size)[0]
+    return out
+
+
+def transfer_labels(
+    query: npt.NDArray[np.floating],
+    reference: npt.NDArray[np.floating],
+    reference_labels: npt.ArrayLike,
+    *,
+    n_neighbors: int = 15,
+    unknown_threshold: float = 0.5,
+    unknown_label: str = "unknown",
+) -> TransferResult:
+    """Weighted k-NN label transfer with a per-cell confidence in [0, 1].
+
+    Parameters
+    ----------
+    query
+        n_query x d embedding.
+    reference
+        n_ref x d embedding, same space.
+    reference_labels
+        One label per reference cell.
+    n_neighbors
+        Reference neighbours per query cell.
+    unknown_threshold
+        Cells whose confidence is below this get ``unknown_label``.
+    unknown_label
+        The label for low-confidence cells.
+
+    Returns
+    -------
+    :class:`~census_scvi.mapping._transfer.TransferResult` (``labels``, ``best``, ``confidence``).
+
+    Examples
+    --------
+    >>> res = transfer_labels(z_query, z_ref, ref_cell_types)  # doctest: +SKIP
+    >>> res.labels[:3], res.confidence[:3]  # doctest: +SKIP
+    """
+    if np.asarray(query).shape[1] != np.asarray(reference).shape[1]:
+        msg = f"query has {np.asarray(query).shape[1]} dimensions, reference {np.asarray(reference).shape[1]}"
+        raise CensusScviError(msg)
+    if not 0.0 <= unknown_threshold <= 1.0:
+        msg = f"unknown_threshold={unknown_threshold} must be in [0, 1]"
+        raise CensusScviError(msg)
+    knn = KnnLabelTransfer(reference, reference_labels, n_neighbors=n_neighbors)
+    return knn.predict(query, unknown_threshold=unknown_threshold, unknown_label=unknown_label)
+
+
+# ------------------------------------------------------------------------------------------
+# the command
+# ------------------------------------------------------------------------------------------
+def _run_config(run_dir: Path, overrides: Sequence[str]) -> Config:
+    from census_scvi.config import load_config
+
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        msg = f"{run_dir} is not a run directory: {CONFIG_FILE} missing"
+        raise CensusScviError(msg, hint="pass --run the folder 'census-scvi run' wrote (-o)")
+    return load_config(path, overrides=overrides)
+
+
+def _read_query(query: Path) -> ad.AnnData:
+    import anndata as ad
+
+    if not query.is_file():
+        msg = f"query file not found: {query}"
+        raise CensusScviError(msg)
+    try:
+        adata = ad.read_h5ad(query)
+    except (OSError, KeyError, ValueError) as e:
+        msg = f"cannot read {query} as an h5ad file: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        raise CensusScviError(msg) from None
+    if adata.X is None:
+        msg = f"{query} has no X matrix"
+        raise CensusScviError(msg, hint="put the raw counts in X")
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        msg = f"{query} is empty ({adata.n_obs} cells x {adata.n_vars} genes)"
+        raise CensusScviError(msg)
+    return adata
+
+
+def _reference(
+    config: Config, run_dir: Path, label_key: str
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.object_], npt.NDArray[np.int64]]:
+    """Reference latent rows and labels: a stratified sample of at most map.knn_reference_cells."""
+    from census_scvi.evaluate._data import load_embedding, read_obs, stratified_indices
+    from census_scvi.soma import get_experiment, open_census
+
+    latent, joinids = load_embedding(run_dir)
+    with open_census(config) as census:
+        exp = get_experiment(census, config.census.organism)
+        obs = read_obs(exp, joinids, [label_key])
+    labels = obs[label_key].astype(str).to_numpy(dtype=object)
+    keep = stratified_indices(labels, config.map.knn_reference_cells, seed=config.map.seed)
+    return np.asarray(latent[keep], dtype=np.float32), labels[keep], keep
+
+
+def _picture(
+    config: Config,
+    path: Path,
+    z_query: npt.NDArray[np.float32],
+    pred: npt.NDArray[np.object_],
+    z_ref: npt.NDArray[np.float32],
+    ref_labels: npt.NDArray[np.object_],
+    label_key: str,
+) -> None:
+    from census_scvi.evaluate._data import stratified_indices
+    from census_scvi.evaluate._report import draw_umap, umap_coords
+
+    pick = stratified_indices(ref_labels, config.map.reference_sample_size, seed=config.map.seed)
+    z = np.concatenate([z_ref[pick], z_query])
+    source = np.array(["reference"] * pick.size + ["query"] * z_query.shape[0], dtype=object)
+    labels = np.concatenate([ref_labels[pick], pred]).astype(str)
+    coords = umap_coords(z, seed=config.map.seed)
+    draw_umap(
+        coords,
+        {
+            "query vs reference": source,
+            f"reference {label_key}": np.where(source == "reference", labels, "query cells"),
+            f"query: predicted {label_key}": np.where(source == "query", labels, "reference"),
+        },
+        path,
+        title="scVI latent",
+        order={"query vs reference": ["reference", "query"]},
+        shared_palette=True,
+    )
+
+
+def run_map(
+    query: str | os.PathLike[str],
+    *,
+    run_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    gene_ids: str | None = None,
+    labels: str = "cell_type",
+    overrides: Sequence[str] = (),
+    force: bool = False,
+) -> MapResult:
+    """Map ``query`` onto the model in ``run_dir`` and transfer ``labels``.
+
+    Parameters
+    ----------
+    query
+        h5ad of raw counts (cells x genes).
+    run_dir
+        A run directory with ``config.yaml``, ``train/<model.filename>`` and ``embed/`` outputs;
+        the reference labels come from the obs of the census its config names.
+    out
+        Output h5ad; the picture goes next to it as ``<out stem>.umap.png``.
+    gene_ids
+        Query var column with the model's gene ids (Ensembl); default the var index.
+    labels
+        Reference obs column to transfer.
+    overrides
+        ``section.key=value`` settings applied over the run's config (e.g. ``map.n_neighbors=30``).
+    force
+        Overwrite ``out``.
+
+    Returns
+    -------
+    :class:`MapResult`. OUT.h5ad holds the query plus ``obsm["X_scvi"]``,
+    ``obs["predicted_<labels>"]`` (categorical), ``obs["predicted_<labels>_confidence"]`` (float32
+    in [0, 1]) and ``uns["census_scvi_map"]`` (overlap report and settings).
+    """
+    t0 = time.perf_counter()
+    query, run_dir, out = Path(query), Path(run_dir), Path(out)
+    config = _run_config(run_dir, overrides)
+    mc = config.map
+    refuse_overwrite(out, force=force, what="output file")
+    model_path = run_dir / TRAIN_DIR / config.model.filename
+    if not (model_path / "model.pt").is_file():
+        msg = f"no trained model at {model_path}"
+        raise CensusScviError(
+            msg, hint="run 'census-scvi run' (or train) on this run directory first"
+        )
+    adata = _read_query(query)
+    from census_scvi.scvi_model import model_registry
+
+    registry = model_registry(model_path)
+    model_genes = [
+        str(g) for g in registry["field_registries"]["X"]["state_registry"]["column_names"]
+    ]
+
+    # 1-2. overlap and counts check (one pass over X)
+    report = gene_overlap(adata, model_genes, gene_ids=gene_ids, chunk_size=mc.chunk_size)
+    logger.info("map: %s", report.line())
+    if report.gene_fraction < mc.min_overlap:
+        cause = likely_cause(query_gene_ids(adata, gene_ids), model_genes)
+        msg = (
+            f"only {report.n_found:,} of {report.n_model_genes:,} model genes "
+            f"({report.gene_fraction:.1%}) are in the query, below map.min_overlap "
+            f"({mc.min_overlap:.0%}); likely cause: {cause}"
+        )
+        raise CensusScviError(msg)
+    if report.gene_fraction < mc.warn_overlap:
+        logger.warning(
+            "map: only %.1f%% of the model's genes are in the query (warning under %.0f%%); "
+            "the missing ones are zero-filled and predictions may be less reliable",
+            100 * report.gene_fraction,
+            100 * mc.warn_overlap,
+        )
+
+    # the reference (fails early on a wrong --labels column or a missing embedding)
+    z_ref, ref_labels, _ = _reference(config, run_dir, labels)
+
+    # 3. latent
+    t = time.perf_counter()
+    z = encode_query(
+        adata,
+        model_path,
+        gene_ids=gene_ids,
+        chunk_size=mc.chunk_size,
+        batch_size=mc.batch_size,
+        accelerator="cpu" if config.train.accelerator == "cpu" else "auto",
+    )
+    logger.info("map: latent of %d cells in %.1f s", adata.n_obs, time.perf_counter() - t)
+
+    # 4. labels
+    res = transfer_labels(
+        z,
+        z_ref,
+        ref_labels,
+        n_neighbors=mc.n_neighbors,
+        unknown_threshold=mc.unknown_threshold,
+        unknown_label=mc.unknown_label,
+    )
+
+    # 5. outputs
+    pred_key, conf_key = f"predicted_{labels}", f"predicted_{labels}_confidence"
+    adata.obsm[OBSM_KEY] = z
+    adata.obs[pred_key] = pd.Categorical(res.labels.astype(str))
+    adata.obs[conf_key] = res.confidence
+    adata.uns[UNS_KEY] = {
+        "overlap": {
+            k: ", ".join(v) if isinstance(v, list) else v for k, v in report.to_dict().items()
+        },
+        "run_dir": str(run_dir.resolve()),
+        "model": str(model_path.resolve()),
+        "census": str(config.census_uri() or config.census.version),
+        "label_key": labels,
+        "n_neighbors": mc.n_neighbors,
+        "unknown_threshold": mc.unknown_threshold,
+        "n_reference_cells": int(z_ref.shape[0]),
+    }
+    with atomic_path(out) as tmp:
+        adata.write_h5ad(tmp)
+    picture = out.with_name(f"{out.stem}.umap.png")
+    with atomic_path(picture) as tmp:
+        _picture(config, tmp, z, res.labels, z_ref, ref_labels, labels)
+    counts = pd.Series(res.labels.astype(str)).value_counts()
+    return MapResult(
+        out=out,
+        picture=picture,
+        overlap=report,
+        label_key=labels,
+        counts={str(k): int(v) for k, v in counts.items()},
+        mean_confidence=float(res.confidence.mean()),
+        n_cells=int(adata.n_obs),
+        seconds=time.perf_counter() - t0,
+    )

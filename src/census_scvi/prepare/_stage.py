@@ -1,0 +1,667 @@
+"""Prepare stage: training cells, highly variable genes, batch label, training data.
+
+``run_prepare(config, run_dir=...)`` writes into ``RUN_DIR/prepare/``:
+
+- ``hvg.parquet``: every gene with its Seurat v3 statistics, ``highly_variable`` and ``rank``;
+- ``cells.parquet``: the training cells (``soma_joinid``, ``batch``) in training row order;
+- ``anndata_model.h5ad`` (``train.mode: memory`` only): cells x HVGs raw counts (float32 CSR),
+  written chunk by chunk so X is never held whole;
+- ``hv_genes.pkl`` when ``anndata.write_hv_genes_pkl`` (the original pipeline's file);
+- ``manifest.json``, last.
+
+Memory is bounded by ``hvg.chunk_nnz`` (plus the per-cell obs columns), not by the number of
+cells: X is streamed three times (two HVG passes, one write pass).
+
+Examples
+--------
+>>> from census_scvi.config import load_config
+>>> from census_scvi.prepare._stage import run_prepare
+>>> result = run_prepare(load_config(None), run_dir=Path("runs/demo"))  # doctest: +SKIP
+>>> print(result.summary())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from census_scvi.batches import batch_codes, check_columns
+from census_scvi.constants import (
+    BATCH_KEY,
+    CELL_TYPE,
+    FEATURE_ID,
+    FEATURE_NAME,
+    HV_GENES_PKL,
+    HVG_FILE,
+    MEASUREMENT,
+    PREPARE_DIR,
+    SOMA_JOINID,
+    X_RAW,
+)
+from census_scvi.errors import CensusScviError
+from census_scvi.progress import track
+from census_scvi.rundir import (
+    Manifest,
+    StageTimer,
+    atomic_path,
+    file_hash,
+    peak_rss_bytes,
+    read_manifest,
+    stage_dir,
+    write_manifest,
+    write_run_config,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import tiledbsoma as soma
+
+    from census_scvi.config import Config
+
+__all__ = [
+    "CELLS_FILE",
+    "PrepareResult",
+    "cell_filters",
+    "highly_variable_genes",
+    "run_prepare",
+    "select_cells",
+    "write_model_anndata",
+]
+
+logger = logging.getLogger(__name__)
+
+CELLS_FILE = "cells.parquet"
+_STAGE = "prepare"
+# config sections whose change invalidates prepare's artifacts (train.mode goes into the inputs)
+_SECTIONS = ("census", "hvg", "anndata")
+
+
+# ----------------------------------------------------------------------------------------------
+# result
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class PrepareResult:
+    """What ``run_prepare`` did (or found already done)."""
+
+    run_dir: Path
+    skipped: bool
+    n_cells_total: int
+    n_cells: int
+    removed: list[tuple[str, str, int]]
+    n_genes: int
+    n_hvg: int
+    n_batches: int
+    n_hvg_batches: int
+    outputs: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+
+    @property
+    def prepare_dir(self) -> Path:
+        return Path(self.run_dir) / PREPARE_DIR
+
+    def figures(self) -> dict[str, Any]:
+        """The figures recorded in the manifest."""
+        return {
+            "n_cells_total": self.n_cells_total,
+            "n_cells": self.n_cells,
+            "removed": [list(r) for r in self.removed],
+            "n_genes": self.n_genes,
+            "n_hvg": self.n_hvg,
+            "n_batches": self.n_batches,
+            "n_hvg_batches": self.n_hvg_batches,
+            "seconds": round(self.seconds, 2),
+            "peak_rss_bytes": self.peak_rss_bytes,
+        }
+
+    @classmethod
+    def from_manifest(cls, run_dir: Path, manifest: dict[str, Any]) -> PrepareResult:
+        f = manifest.get("figures", {})
+        return cls(
+            run_dir=Path(run_dir),
+            skipped=True,
+            n_cells_total=int(f.get("n_cells_total", 0)),
+            n_cells=int(f.get("n_cells", 0)),
+            removed=[(str(a), str(b), int(c)) for a, b, c in f.get("removed", [])],
+            n_genes=int(f.get("n_genes", 0)),
+            n_hvg=int(f.get("n_hvg", 0)),
+            n_batches=int(f.get("n_batches", 0)),
+            n_hvg_batches=int(f.get("n_hvg_batches", 0)),
+            outputs=dict(manifest.get("outputs", {})),
+            seconds=float(f.get("seconds", 0.0)),
+            peak_rss_bytes=int(f.get("peak_rss_bytes", 0)),
+        )
+
+    def summary(self) -> str:
+        """One paragraph: cells kept and removed by each condition, genes, batches, outputs."""
+        if self.skipped:
+            head = (
+                f"prepare: already done in {self.prepare_dir} (config and census unchanged; "
+                "--force redoes it). "
+            )
+        else:
+            head = (
+                f"prepare: done in {self.seconds:.1f} s (peak RSS {_size(self.peak_rss_bytes)}). "
+            )
+        removed = "; ".join(f"{n:,} by {key} ({cond})" for key, cond, n in self.removed)
+        cells = (
+            f"Kept {self.n_cells:,} of {self.n_cells_total:,} cells"
+            + (f", removed {removed}" if removed else "")
+            + ". "
+        )
+        genes = (
+            f"Selected {self.n_hvg:,} highly variable genes of {self.n_genes:,} (Seurat v3 on raw "
+            f"counts over {self.n_hvg_batches} HVG batches); {self.n_batches:,} batch labels. "
+        )
+        files = []
+        for name, path in self.outputs.items():
+            p = Path(path)
+            size = _size(_path_size(p)) if p.exists() else "missing"
+            files.append(f"{name} {p} ({size})")
+        return head + cells + genes + "Wrote " + ", ".join(files) + "."
+
+
+def _path_size(p: Path) -> int:
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# ----------------------------------------------------------------------------------------------
+# cells
+# ----------------------------------------------------------------------------------------------
+def cell_filters(config: Config) -> list[tuple[str, str]]:
+    """The training-cell conditions as ``(config key, SOMA value filter)``, in order.
+
+    Their conjunction is ``config.model_obs_filter()``.
+    """
+    out: list[tuple[str, str]] = []
+    if config.census.obs_query_model:
+        out.append(("census.obs_query_model", config.census.obs_query_model))
+    if config.census.obs_query:
+        out.append(("census.obs_query", config.census.obs_query))
+    if config.hvg.min_genes is not None:
+        out.append(("hvg.min_genes", f"nnz >= {config.hvg.min_genes}"))
+    return out
+
+
+def _join(filters: Sequence[str]) -> str | None:
+    filters = [f for f in filters if f]
+    return " and ".join(f"({f})" for f in filters) if filters else None
+
+
+def _read_obs(
+    obs: soma.DataFrame, value_filter: str | None, columns: Sequence[str], *, key: str
+) -> pd.DataFrame:
+    import tiledbsoma as soma
+
+    valid = list(obs.schema.names)
+    try:
+        tbl = obs.read(value_filter=value_filter, column_names=list(columns)).concat()
+    except (soma.SOMAError, ValueError) as e:
+        text = str(e)
+        m = re.search(r"[Cc]olumn '?([^' ]+)'? does not exist", text)
+        if m:
+            msg = (
+                f"{key} '{value_filter}' names obs column '{m.group(1)}' that does not exist; "
+                f"valid columns: {', '.join(valid)}"
+            )
+            raise CensusScviError(msg, hint=f"fix {key} in the config") from None
+        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        msg = f"{key} '{value_filter}' is not a valid SOMA value filter: {first}"
+        raise CensusScviError(
+            msg, hint='e.g. "is_primary_data == True and nnz >= 300" (== != < > in [...])'
+        ) from None
+    return tbl.to_pandas()
+
+
+def select_cells(
+    experiment: soma.Experiment,
+    *,
+    filters: Sequence[tuple[str, str]],
+    columns: Sequence[str],
+) -> tuple[pd.DataFrame, int, list[tuple[str, str, int]]]:
+    """Read the obs columns of the cells matching every filter, sorted by ``soma_joinid``.
+
+    Parameters
+    ----------
+    experiment
+        The census experiment (e.g. ``census["census_data"]["homo_sapiens"]``).
+    filters
+        ``(config key, SOMA value filter)`` pairs, combined with ``and`` (see
+        :func:`cell_filters`). Each is counted separately for the summary.
+    columns
+        obs columns to return (``soma_joinid`` is always included).
+
+    Returns
+    -------
+    ``(obs, n_total, removed)``: the selected cells' columns, the number of cells in the
+    experiment, and ``(key, filter, cells removed)`` for each filter in turn.
+
+    Raises
+    ------
+    CensusScviError
+        When a filter names a column that does not exist (the valid columns are listed), does
+        not parse, or when no cell matches.
+    """
+    obs_df = experiment.obs
+    valid = list(obs_df.schema.names)
+    cols = list(dict.fromkeys([SOMA_JOINID, *columns]))
+    check_columns(cols, valid, what="prepare's obs columns")
+    n_total = int(obs_df.count)
+    removed: list[tuple[str, str, int]] = []
+    n_prev = n_total
+    for i in range(len(filters) - 1):
+        key, cond = filters[i]
+        so_far = _join([f for _, f in filters[: i + 1]])
+        n_i = len(_read_obs(obs_df, so_far, [SOMA_JOINID], key=key))
+        removed.append((key, cond, n_prev - n_i))
+        n_prev = n_i
+    last_key = filters[-1][0] if filters else "census.obs_query_model"
+    full = _join([f for _, f in filters])
+    obs = _read_obs(obs_df, full, cols, key=last_key)
+    if filters:
+        removed.append((filters[-1][0], filters[-1][1], n_prev - len(obs)))
+    if len(obs) == 0:
+        msg = f"the training cell filter '{full}' matches none of the {n_total:,} cells"
+        raise CensusScviError(
+            msg, hint="relax census.obs_query_model / census.obs_query / hvg.min_genes"
+        )
+    obs = obs.sort_values(SOMA_JOINID, kind="stable").reset_index(drop=True)
+    return obs, n_total, removed
+
+
+# ----------------------------------------------------------------------------------------------
+# highly variable genes
+# ----------------------------------------------------------------------------------------------
+def _x_layer(experiment: soma.Experiment) -> soma.SparseNDArray:
+    import tiledbsoma as soma
+
+    ms = experiment.ms
+    if MEASUREMENT not in ms:
+        msg = f"the experiment has no measurement '{MEASUREMENT}'; present: {', '.join(ms.keys())}"
+        raise CensusScviError(msg)
+    X = ms[MEASUREMENT].X
+    if X_RAW not in X:
+        msg = f"the experiment has no X layer '{X_RAW}'; present: {', '.join(X.keys())}"
+        raise CensusScviError(msg, hint="prepare needs raw counts in X['raw']")
+    layer = X[X_RAW]
+    if not isinstance(layer, soma.SparseNDArray):
+        msg = f"X['{X_RAW}'] is a {type(layer).__name__}; prepare needs a SparseNDArray"
+        raise CensusScviError(msg)
+    return layer
+
+
+def _chunks_for(
+    X: soma.SparseNDArray, obs: pd.DataFrame, chunk_nnz: int, n_vars: int
+) -> list[slice]:
+    from census_scvi.soma import plan_chunks
+
+    nnz = obs["nnz"].to_numpy() if "nnz" in obs.columns else None
+    mean_nnz = 0.1 * n_vars
+    if nnz is None:
+        try:
+            mean_nnz = float(X.nnz) / max(int(X.shape[0]), 1)
+        except Exception:  # noqa: BLE001 - an estimate only; fall back to 10% density
+            pass
+    return plan_chunks(nnz, len(obs), chunk_nnz=chunk_nnz, mean_nnz=mean_nnz)
+
+
+def highly_variable_genes(
+    experiment: soma.Experiment,
+    *,
+    obs_joinids: npt.NDArray[np.int64],
+    batch: npt.NDArray[np.integer],
+    batch_names: Sequence[str],
+    n_top_genes: int,
+    span: float = 0.3,
+    max_loess_jitter: float = 1e-6,
+    chunks: Sequence[slice] | None = None,
+    chunk_nnz: int = 4_000_000,
+) -> pd.DataFrame:
+    """Seurat v3 highly variable genes over the selected cells, streamed from ``X['raw']``.
+
+    Agrees with ``scanpy.pp.highly_variable_genes(flavor="seurat_v3", batch_key=...)`` on the
+    same cells (same statistics; see :mod:`census_scvi.prepare._hvg`).
+
+    Parameters
+    ----------
+    experiment
+        The census experiment.
+    obs_joinids
+        Selected cells, ascending ``soma_joinid``.
+    batch
+        HVG batch code of each selected cell (``0..len(batch_names)-1``).
+    batch_names
+        Name of each HVG batch.
+    n_top_genes
+        Number of genes flagged ``highly_variable`` (all genes when there are fewer).
+    span, max_loess_jitter
+        LOESS settings.
+    chunks
+        Slices of ``obs_joinids`` to read at a time (default: about ``chunk_nnz`` values each).
+    chunk_nnz
+        Stored values per chunk when ``chunks`` is None.
+
+    Returns
+    -------
+    Every gene (rows in var ``soma_joinid`` order) with columns ``soma_joinid``, ``feature_id``,
+    ``feature_name``, ``means``, ``variances``, ``variances_norm``, ``highly_variable_rank``,
+    ``highly_variable_nbatches``, ``highly_variable``, ``rank``.
+    """
+    from census_scvi.prepare._hvg import seurat_v3_from_chunks
+    from census_scvi.soma import iter_x_chunks
+
+    X = _x_layer(experiment)
+    var = _read_var(experiment)
+    n_genes = len(var)
+    if n_top_genes > n_genes:
+        logger.warning(
+            "hvg.top_n_hvg=%d is more than the %d genes in the census; all genes are used",
+            n_top_genes,
+            n_genes,
+        )
+    var_ids = var[SOMA_JOINID].to_numpy()
+    var_lut = np.full(int(var_ids.max()) + 1, -1, dtype=np.int64)
+    var_lut[var_ids] = np.arange(n_genes)
+    batch = np.asarray(batch)
+    if chunks is None:
+        tmp = _obs_frame(obs_joinids)
+        chunks = _chunks_for(X, tmp, chunk_nnz, n_genes)
+
+    def read_chunks(p: int) -> Iterator[tuple[Any, Any, Any]]:
+        it = iter_x_chunks(X, obs_joinids, chunks)
+        for c in track(it, description=f"HVG pass {p}/2", total=len(chunks)):
+            yield batch[c.rows], var_lut[c.cols], c.data
+
+    stats = seurat_v3_from_chunks(
+        read_chunks,
+        n_cells=np.bincount(batch, minlength=len(batch_names)),
+        n_genes=n_genes,
+        n_top_genes=n_top_genes,
+        batch_names=list(batch_names),
+        span=span,
+        max_loess_jitter=max_loess_jitter,
+    )
+    out = var[[SOMA_JOINID, FEATURE_ID, FEATURE_NAME]].reset_index(drop=True)
+    for c in stats.columns:
+        out[c] = stats[c].to_numpy()
+    return out
+
+
+def _obs_frame(joinids: npt.NDArray[np.int64]) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame({SOMA_JOINID: joinids})
+
+
+def _read_var(experiment: soma.Experiment) -> pd.DataFrame:
+    var = experiment.ms[MEASUREMENT].var
+    valid = list(var.schema.names)
+    cols = [SOMA_JOINID, FEATURE_ID, FEATURE_NAME]
+    missing = [c for c in cols if c not in valid]
+    if missing:
+        msg = f"ms['{MEASUREMENT}'].var lacks column(s) {missing}; present: {', '.join(valid)}"
+        raise CensusScviError(msg, hint="the census must follow the Census schema")
+    df = var.read(column_names=cols).concat().to_pandas()
+    for c in (FEATURE_ID, FEATURE_NAME):
+        df[c] = df[c].astype(str)
+    return df.sort_values(SOMA_JOINID, kind="stable").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# training h5ad
+# ----------------------------------------------------------------------------------------------
+def write_model_anndata(
+    experiment: soma.Experiment,
+    path: Path,
+    *,
+    obs: pd.DataFrame,
+    hvg: pd.DataFrame,
+    chunks: Sequence[slice] | None = None,
+    chunk_nnz: int = 4_000_000,
+    compression: str | None = "gzip",
+    compression_level: int | None = None,
+) -> int:
+    """Write cells x HVGs raw counts to an h5ad, chunk by chunk (X never held whole).
+
+    Parameters
+    ----------
+    experiment
+        The census experiment.
+    path
+        Output ``.h5ad`` (write to a temporary name; the caller renames it).
+    obs
+        Selected cells, ascending ``soma_joinid``, with the obs columns to store (``batch``, ...).
+        Rows keep this order; the obs index is ``str(soma_joinid)``.
+    hvg
+        The :func:`highly_variable_genes` table; columns are the ``highly_variable`` genes in
+        ascending var ``soma_joinid`` order (the model gene order), var indexed by
+        ``feature_id`` with column ``feature_name``.
+    chunks, chunk_nnz
+        Cell slices to read at a time, or the stored-value budget to plan them.
+    compression, compression_level
+        h5py compression for X (``"gzip"``, ``"lzf"`` or None) and the gzip level.
+
+    Returns
+    -------
+    Stored values written.
+    """
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from census_scvi.prepare._io import write_csr_h5ad
+    from census_scvi.soma import iter_x_chunks
+
+    X = _x_layer(experiment)
+    genes = hvg[hvg["highly_variable"]].sort_values(SOMA_JOINID)
+    gene_ids = genes[SOMA_JOINID].to_numpy().astype(np.int64)
+    n_hvg = len(gene_ids)
+    lut = np.full(int(gene_ids.max()) + 1, -1, dtype=np.int64)
+    lut[gene_ids] = np.arange(n_hvg)
+    obs_joinids = obs[SOMA_JOINID].to_numpy().astype(np.int64)
+    if chunks is None:
+        chunks = _chunks_for(X, obs, chunk_nnz, len(hvg))
+
+    def blocks() -> Iterator[tuple[Any, Any, Any]]:
+        it = iter_x_chunks(X, obs_joinids, chunks, var_joinids=gene_ids)
+        for c in track(it, description="writing anndata", total=len(chunks)):
+            m = sp.csr_matrix(
+                (c.data, (c.rows - c.row_start, lut[c.cols])), shape=(c.n_rows, n_hvg)
+            )
+            m.sum_duplicates()
+            m.sort_indices()
+            yield (
+                m.indptr.astype(np.int64),
+                m.indices.astype(np.int32),
+                m.data.astype(np.float32, copy=False),
+            )
+
+    obs_out = obs.copy()
+    obs_out.index = pd.Index(obs_out[SOMA_JOINID].astype(str).to_numpy(), dtype=object)
+    var_out = pd.DataFrame(
+        {FEATURE_NAME: genes[FEATURE_NAME].astype(str).to_numpy()},
+        index=pd.Index(genes[FEATURE_ID].astype(str).to_numpy(), name=None, dtype=object),
+    )
+    return write_csr_h5ad(
+        path,
+        obs_out,
+        var_out,
+        blocks(),
+        compression=compression,
+        compression_opts=compression_level if compression == "gzip" else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage
+# ----------------------------------------------------------------------------------------------
+def _census_identity(config: Config) -> str:
+    uri = config.census_uri()
+    if uri is not None and "://" not in uri and Path(uri).exists():
+        return f"{uri}#{file_hash(uri)}"
+    if uri is not None:
+        return uri
+    return f"census_version:{config.census.version}"
+
+
+def _manifest_key(config: Config) -> Manifest:
+    from census_scvi.config import config_hash
+
+    return Manifest(
+        stage=_STAGE,
+        config_hash=config_hash(config, sections=_SECTIONS),
+        inputs={"census": _census_identity(config), "train.mode": config.train.mode},
+    )
+
+
+def _expected_outputs(config: Config, pdir: Path) -> dict[str, Path]:
+    out = {"hvg": pdir / HVG_FILE, "cells": pdir / CELLS_FILE}
+    if config.train.mode == "memory":
+        out["anndata"] = pdir / config.anndata.model_filename
+    if config.anndata.write_hv_genes_pkl:
+        out["hv_genes_pkl"] = pdir / HV_GENES_PKL
+    return out
+
+
+def run_prepare(config: Config, *, run_dir: Path, force: bool = False) -> PrepareResult:
+    """Run the prepare stage (skipped when its manifest matches, unless ``force``).
+
+    Parameters
+    ----------
+    config
+        The resolved config (``census``, ``hvg``, ``anndata`` and ``train.mode`` are used).
+    run_dir
+        The run directory; artifacts go to ``run_dir/prepare/``.
+    force
+        Redo the stage even when a matching manifest exists.
+
+    Returns
+    -------
+    A :class:`PrepareResult`; ``print(result.summary())`` describes it.
+    """
+    from census_scvi.config import dump_config
+
+    run_dir = Path(run_dir)
+    write_run_config(run_dir, dump_config(config))
+    pdir = stage_dir(run_dir, PREPARE_DIR)
+    manifest = _manifest_key(config)
+    outputs = _expected_outputs(config, pdir)
+    old = read_manifest(pdir)
+    if not force and manifest.matches(old) and all(p.exists() for p in outputs.values()):
+        assert old is not None
+        logger.info("prepare: manifest matches config and census; skipping (use --force to redo)")
+        return PrepareResult.from_manifest(run_dir, old)
+    if old is not None:
+        if not force:
+            logger.info("prepare: config or census changed since the last run; redoing it")
+        (pdir / "manifest.json").unlink(missing_ok=True)
+    timer = StageTimer()
+    manifest.started = timer.started
+    result = _prepare(config, run_dir=run_dir, outputs=outputs)
+    result.seconds = timer.seconds
+    result.peak_rss_bytes = peak_rss_bytes()
+    manifest.figures = result.figures()
+    manifest.outputs = {k: str(v) for k, v in outputs.items()}
+    manifest.census = {
+        "uri": config.census_uri(),
+        "version": config.census.version,
+        "organism": config.census.organism,
+    }
+    write_manifest(pdir, manifest)
+    return result
+
+
+def _prepare(config: Config, *, run_dir: Path, outputs: dict[str, Path]) -> PrepareResult:
+    import pandas as pd
+
+    from census_scvi.soma import tiledb_read_config
+    from census_scvi.soma._open import get_experiment, open_census
+
+    hv = config.hvg
+    ac = config.anndata
+    sep = ac.batch_key_separator
+    with open_census(config, tiledb_config=tiledb_read_config(hv.read_buffer_bytes)) as census:
+        exp = get_experiment(census, config.census.organism)
+        valid = list(exp.obs.schema.names)
+        check_columns(hv.hvg_batch, valid, what="hvg.hvg_batch")
+        check_columns(ac.batch_key, valid, what="anndata.batch_key")
+        if hv.min_genes is not None:
+            check_columns(["nnz"], valid, what="hvg.min_genes (needs obs 'nnz')")
+        extra = [c for c in (CELL_TYPE, "nnz") if c in valid]
+        columns = list(dict.fromkeys([*ac.batch_key, *hv.hvg_batch, *extra]))
+        obs, n_total, removed = select_cells(exp, filters=cell_filters(config), columns=columns)
+        logger.info("prepare: %d of %d cells selected", len(obs), n_total)
+
+        hvg_codes, hvg_names = batch_codes(obs, hv.hvg_batch, sep)
+        codes, labels = batch_codes(obs, ac.batch_key, sep)
+        obs[BATCH_KEY] = pd.Categorical.from_codes(codes, categories=pd.Index(labels, dtype=str))
+        X = _x_layer(exp)
+        n_vars = int(exp.ms[MEASUREMENT].var.count)
+        chunks = _chunks_for(X, obs, hv.chunk_nnz, n_vars)
+        joinids = obs[SOMA_JOINID].to_numpy().astype(np.int64)
+        hvg = highly_variable_genes(
+            exp,
+            obs_joinids=joinids,
+            batch=hvg_codes,
+            batch_names=[str(x) for x in hvg_names],
+            n_top_genes=hv.top_n_hvg,
+            span=hv.span,
+            max_loess_jitter=hv.max_loess_jitter,
+            chunks=chunks,
+        )
+        with atomic_path(outputs["hvg"]) as tmp:
+            hvg.to_parquet(tmp, index=False)
+        cells = pd.DataFrame({SOMA_JOINID: joinids, BATCH_KEY: obs[BATCH_KEY].astype(str)})
+        with atomic_path(outputs["cells"]) as tmp:
+            cells.to_parquet(tmp, index=False)
+        if "hv_genes_pkl" in outputs:
+            # the original pipeline's artifact (a pickled pandas Index of var soma_joinids);
+            # written for old tools only, never read back by census-scvi
+            hv_idx = pd.Index(
+                np.sort(hvg.loc[hvg["highly_variable"], SOMA_JOINID].to_numpy()), name=SOMA_JOINID
+            )
+            with atomic_path(outputs["hv_genes_pkl"]) as tmp, tmp.open("wb") as f:
+                pickle.dump(hv_idx, f)
+        if "anndata" in outputs:
+            obs_cols = list(dict.fromkeys([SOMA_JOINID, BATCH_KEY, *ac.batch_key, *hv.hvg_batch]))
+            if CELL_TYPE in obs.columns:
+                obs_cols.append(CELL_TYPE)
+            with atomic_path(outputs["anndata"]) as tmp:
+                write_model_anndata(
+                    exp,
+                    tmp,
+                    obs=obs[obs_cols],
+                    hvg=hvg,
+                    chunks=chunks,
+                    compression=None if ac.compression == "none" else ac.compression,
+                    compression_level=ac.compression_level,
+                )
+    return PrepareResult(
+        run_dir=run_dir,
+        skipped=False,
+        n_cells_total=n_total,
+        n_cells=len(obs),
+        removed=removed,
+        n_genes=len(hvg),
+        n_hvg=int(hvg["highly_variable"].sum()),
+        n_batches=len(labels),
+        n_hvg_batches=len(hvg_names),
+        outputs={k: str(v) for k, v in outputs.items()},
+    )

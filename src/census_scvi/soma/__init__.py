@@ -1,0 +1,17 @@
+"""The SOMA layer: opening a census, chunked X reads, TileDB settings, the Census schema."""
+
+from __future__ import annotations
+
+from census_scvi.soma._open import experiment_name, get_experiment, open_census, open_census_uri
+from census_scvi.soma._x import XChunk, iter_x_chunks, plan_chunks, tiledb_read_config
+
+__all__ = [
+    "XChunk",
+    "experiment_name",
+    "get_experiment",
+    "iter_x_chunks",
+    "open_census",
+    "open_census_uri",
+    "plan_chunks",
+    "tiledb_read_config",
+]

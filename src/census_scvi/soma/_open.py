@@ -1,0 +1,134 @@
+"""Opening a SOMA census: from ``census.uri`` (local or remote) or ``census.version`` (network)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from census_scvi.constants import CENSUS_DATA
+from census_scvi.errors import CensusScviError
+
+if TYPE_CHECKING:
+    import tiledbsoma as soma
+
+    from census_scvi.config import Config
+
+__all__ = [
+    "ensure_demo_census",
+    "experiment_name",
+    "get_experiment",
+    "open_census",
+    "open_census_uri",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def experiment_name(organism: str) -> str:
+    """``'Homo sapiens'`` / ``'homo_sapiens'`` -> ``'homo_sapiens'`` (as cellxgene_census does)."""
+    return re.sub(r"[ ]+", "_", organism.strip()).lower()
+
+
+def _soma_context(tiledb_config: dict[str, Any] | None = None) -> soma.SOMATileDBContext:
+    import tiledbsoma as soma
+
+    return soma.SOMATileDBContext(tiledb_config=tiledb_config or {})
+
+
+def open_census_uri(uri: str, *, tiledb_config: dict[str, Any] | None = None) -> soma.Collection:
+    """Open the SOMA collection at ``uri`` with a clear error when it is not a census."""
+    import cellxgene_census
+    import tiledbsoma as soma
+
+    if "://" not in uri and not Path(uri).exists():
+        msg = f"census.uri '{uri}' does not exist"
+        raise CensusScviError(
+            msg, hint="build one with 'census-scvi demo-data PATH' or 'census-scvi build-census'"
+        )
+    try:
+        census = cellxgene_census.open_soma(uri=uri, context=_soma_context(tiledb_config))
+    except (soma.DoesNotExistError, soma.SOMAError, ValueError) as e:
+        msg = f"cannot open census.uri '{uri}' as a SOMA collection: {str(e).splitlines()[0]}"
+        raise CensusScviError(msg) from None
+    if CENSUS_DATA not in census:
+        census.close()
+        msg = f"census.uri '{uri}' has no '{CENSUS_DATA}' collection, so it is not a census"
+        raise CensusScviError(msg, hint="point census.uri at the census root folder")
+    return census
+
+
+@contextlib.contextmanager
+def open_census(
+    config: Config, *, tiledb_config: dict[str, Any] | None = None
+) -> Iterator[soma.Collection]:
+    """Open the census a config names (``census.uri`` wins over ``census.version``).
+
+    Parameters
+    ----------
+    config
+        The resolved config.
+    tiledb_config
+        Extra TileDB settings (e.g. read buffer sizes) for the SOMA context.
+
+    Yields
+    ------
+    The open top-level census collection; closed on exit.
+    """
+    uri = config.census_uri()
+    if uri is not None:
+        if config.census.demo is not None and "://" not in uri and not Path(uri).exists():
+            ensure_demo_census(uri, config)
+        census = open_census_uri(uri, tiledb_config=tiledb_config)
+    else:
+        census = _open_version(str(config.census.version), tiledb_config)
+    try:
+        yield census
+    finally:
+        census.close()
+
+
+def ensure_demo_census(uri: str, config: Config) -> None:
+    """Build the mini census at ``uri`` (the demo config's cache folder) on first use."""
+    from census_scvi.demo import make_mini_census
+
+    demo = config.census.demo
+    assert demo is not None
+    logger.info("building the mini census at %s (first use; %d cells)", uri, demo.cells)
+    try:
+        make_mini_census(uri, n_cells=demo.cells, n_genes=demo.genes, seed=demo.seed)
+    except CensusScviError:
+        if not Path(uri).exists():  # another process may have built it meanwhile
+            raise
+
+
+def _open_version(version: str, tiledb_config: dict[str, Any] | None) -> soma.Collection:
+    import cellxgene_census
+
+    try:
+        return cellxgene_census.open_soma(
+            census_version=version, context=_soma_context(tiledb_config)
+        )
+    except Exception as e:  # noqa: BLE001 - network, S3 and lookup errors all mean the same here
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        msg = f"cannot open Census version '{version}' (offline, or unknown version?): {first}"
+        raise CensusScviError(
+            msg, hint="set census.uri to a local SOMA census (e.g. --set census.uri=PATH)"
+        ) from None
+
+
+def get_experiment(census: soma.Collection, organism: str) -> soma.Experiment:
+    """The experiment for ``organism`` (``'homo_sapiens'`` or ``'Homo sapiens'``).
+
+    An unknown organism fails listing those present.
+    """
+    name = experiment_name(organism)
+    data = census[CENSUS_DATA]
+    if name not in data:
+        present = ", ".join(sorted(data.keys())) or "none"
+        msg = f"organism '{organism}' is not in this census; present: {present}"
+        raise CensusScviError(msg, hint="set census.organism to one of those")
+    return data[name]

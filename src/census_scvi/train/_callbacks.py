@@ -1,0 +1,251 @@
+"""Lightning callbacks of the train stage: history, checkpoints, non-finite loss, throughput.
+
+Each one does what no stock callback does for us:
+- :class:`HistoryRecorder` keeps one row of epoch metrics per epoch *in the checkpoint* (scvi's
+  ``SimpleLogger`` history lives in memory only, so a resumed run would lose its first epochs)
+  and rewrites ``history.csv`` after every epoch.
+- :class:`EpochCheckpoint` saves ``last.ckpt`` every N epochs at the end of the training epoch,
+  after :class:`HistoryRecorder` recorded it (a ``ModelCheckpoint`` would collide with
+  scvi-tools' Trainer, which adds its own ``SaveCheckpoint`` when checkpointing is enabled).
+- :class:`NonFiniteLossGuard` stops at the first NaN/inf loss with a one-line fix.
+- :class:`ThroughputMonitor` times the training steps of each epoch (data loading included,
+  validation excluded) for the cells/s figure.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback
+from scvi.train._progress import ProgressBar
+
+from census_scvi.errors import CensusScviError
+
+__all__ = [
+    "EpochCheckpoint",
+    "HistoryRecorder",
+    "NonFiniteLossGuard",
+    "StderrProgressBar",
+    "ThroughputMonitor",
+]
+
+logger = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "last.ckpt"
+
+
+def _scalar(v: Any) -> float | None:
+    try:
+        return float(v.item() if hasattr(v, "item") else v)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+class HistoryRecorder(Callback):
+    """One row per finished epoch: epoch metrics (train and validation), KL weight, learning rate.
+
+    Parameters
+    ----------
+    csv_path
+        Where ``history.csv`` is rewritten after each epoch (global rank 0 only); None: keep in
+        memory only.
+    """
+
+    def __init__(self, csv_path: str | os.PathLike[str] | None = None) -> None:
+        self.csv_path = Path(csv_path) if csv_path is not None else None
+        self.rows: list[dict[str, Any]] = []
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        epoch = int(trainer.current_epoch)
+        row: dict[str, Any] = {"epoch": epoch}
+        for key, value in sorted(trainer.callback_metrics.items()):
+            if key.endswith("_step") or key == "kl_weight":
+                continue
+            row[key.removesuffix("_epoch")] = _scalar(value)
+        kl = getattr(pl_module, "kl_weight", None)
+        if kl is not None:
+            row["kl_weight"] = _scalar(kl)
+        optimizers = trainer.optimizers
+        if optimizers:
+            row["lr"] = float(optimizers[0].param_groups[0]["lr"])
+        # a resumed run may repeat an epoch that was running when it stopped
+        self.rows = [r for r in self.rows if r["epoch"] < epoch]
+        self.rows.append(row)
+        if trainer.is_global_zero:
+            self.write()
+
+    def frame(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(self.rows).set_index("epoch") if self.rows else pd.DataFrame()
+
+    def write(self) -> None:
+        if self.csv_path is None:
+            return
+        from census_scvi.rundir import atomic_path
+
+        with atomic_path(self.csv_path) as tmp:
+            self.frame().to_csv(tmp)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": [dict(r) for r in self.rows]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = [dict(r) for r in state_dict.get("rows", [])]
+
+
+class EpochCheckpoint(Callback):
+    """Save ``<dirpath>/last.ckpt`` every ``every_n_epochs`` epochs and after the last one.
+
+    Runs at the end of the training epoch (validation of that epoch done), so a resumed run
+    starts at the next epoch with the optimizer, KL warm-up position and history restored.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike[str], every_n_epochs: int = 1) -> None:
+        self.dirpath = Path(dirpath)
+        self.every_n_epochs = max(1, int(every_n_epochs))
+
+    @property
+    def last_path(self) -> Path:
+        return self.dirpath / LAST_CHECKPOINT
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        epoch = int(trainer.current_epoch) + 1
+        if epoch % self.every_n_epochs and epoch < int(trainer.max_epochs or 0):
+            return
+        tmp = self.dirpath / f".epoch-{epoch:05d}.ckpt.tmp"
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(tmp)  # all ranks call it; rank 0 writes, then a barrier
+        if trainer.is_global_zero:
+            tmp.replace(self.last_path)
+            logger.debug("checkpoint after epoch %d -> %s", epoch, self.last_path)
+
+
+class NonFiniteLossGuard(Callback):
+    """Stop training at the first NaN/inf training loss with a one-line error and the fixes.
+
+    Parameters
+    ----------
+    lr
+        The configured learning rate (quoted in the hint).
+    var_activation
+        The configured encoder variance activation (quoted in the hint).
+    """
+
+    def __init__(self, *, lr: float, var_activation: str) -> None:
+        self.lr = lr
+        self.var_activation = var_activation
+        self.epoch = 0
+        self.step = 0
+        self.stage = "training"
+
+    def error(self, what: str, value: Any) -> CensusScviError:
+        """The one-line error for a non-finite ``what`` at the last epoch/step seen."""
+        fixes = [f"lower training_plan.lr (now {self.lr:g})"]
+        if self.var_activation != "softplus":
+            fixes.append("set model.var_activation: softplus")
+        msg = f"{what} became {value} at epoch {self.epoch} (step {self.step}); training stopped"
+        return CensusScviError(msg, hint=" or ".join(fixes))
+
+    @staticmethod
+    def is_nan_error(err: BaseException) -> bool:
+        """True for torch's distribution check on NaN parameters (how NaNs usually surface)."""
+        text = str(err)
+        return isinstance(err, ValueError) and "found invalid values" in text
+
+    def _fail(self, what: str, value: float, trainer: Any) -> None:
+        self._seen(trainer, self.stage)
+        raise self.error(what, value)
+
+    def _seen(self, trainer: Any, stage: str) -> None:
+        self.epoch = int(trainer.current_epoch)
+        self.step = int(trainer.global_step)
+        self.stage = stage
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._seen(trainer, "training")
+
+    def on_validation_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._seen(trainer, "validation")
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        value = float(loss.detach()) if hasattr(loss, "detach") else float(loss)
+        if not math.isfinite(value):
+            self._fail("the training loss", value, trainer)
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        value = _scalar(trainer.callback_metrics.get("elbo_validation"))
+        if value is not None and not math.isfinite(value):
+            self._fail("the validation ELBO", value, trainer)
+
+
+class ThroughputMonitor(Callback):
+    """Per-epoch training time (first step to last step, loading included) and cells."""
+
+    def __init__(self) -> None:
+        self.epochs: list[tuple[int, float]] = []  # (cells, seconds) per epoch
+        self._t0: float | None = None
+        self._t_last = 0.0
+        self._cells = 0
+        self.fit_seconds = 0.0
+        self._fit_t0 = 0.0
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._fit_t0 = time.perf_counter()
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self.fit_seconds = time.perf_counter() - self._fit_t0
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._t0 = time.perf_counter()
+        self._cells = 0
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        x = batch.get("X") if isinstance(batch, dict) else None
+        self._cells += int(x.shape[0]) if x is not None else 0
+        self._t_last = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._t0 is not None and self._cells:
+            self.epochs.append((self._cells, self._t_last - self._t0))
+        self._t0 = None
+
+    def cells_per_second(self, *, skip_first: bool = True) -> float | None:
+        """Training cells per second on this rank (the first epoch skipped when others exist)."""
+        epochs = self.epochs[1:] if skip_first and len(self.epochs) > 1 else self.epochs
+        seconds = sum(s for _, s in epochs)
+        cells = sum(c for c, _ in epochs)
+        return cells / seconds if seconds > 0 else None
+
+
+class StderrProgressBar(ProgressBar):
+    """scvi-tools' per-epoch bar, on stderr (scvi writes it to stdout, where results go)."""
+
+    def init_train_tqdm(self, trainer: Any) -> Any:
+        import sys
+
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=trainer.max_epochs,
+            desc="Training",
+            file=sys.stderr,
+            disable=self.is_disabled,
+        )
