@@ -132,7 +132,7 @@ def test_umap_coords_above_scanpy_nndescent_threshold():
     """Above 4,096 cells scanpy switches to pynndescent, which broke with scipy 1.17."""
     import numpy as np
 
-    from census_scvi.evaluate._report import umap_coords
+    from census_scvi.plots import umap_coords
 
     rng = np.random.default_rng(0)
     centers = rng.normal(0, 8, (3, 5))

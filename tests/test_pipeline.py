@@ -22,7 +22,7 @@ def test_stage_range_orders_and_validates():
     assert stage_range("EMBED", None, available=lambda s: True) == (["embed", "evaluate"], [])
     # evaluate is optional: left out (and reported) when its module is missing
     assert stage_range(None, None, available=lambda s: False) == (every[:3], ["evaluate"])
-    with pytest.raises(CensusScviError, match="not available"):
+    with pytest.raises(CensusScviError, match="needs scib-metrics.*census-scvi\[eval\]"):
         stage_range(None, "evaluate", available=lambda s: False)
     with pytest.raises(CensusScviError, match=r"--from 'trian' is not a stage; valid stages: prep"):
         stage_range("trian", None)
@@ -74,16 +74,28 @@ def test_runs_selected_stages_in_order(monkeypatch, tmp_path):
         run_pipeline(cfg, run_dir=tmp_path)
 
 
-def test_train_resume_detection(tmp_path):
-    from census_scvi.train._callbacks import LAST_CHECKPOINT
+@pytest.mark.slow
+def test_run_after_interrupted_train_and_config_change_starts_over(tmp_path):
+    """An interrupted train (checkpoint, no manifest) of another config is discarded, not refused.
 
-    assert not pipeline._train_interrupted(tmp_path)
-    ckpt = tmp_path / "train" / "checkpoints" / LAST_CHECKPOINT
-    ckpt.parent.mkdir(parents=True)
-    ckpt.write_bytes(b"")
-    assert pipeline._train_interrupted(tmp_path)  # checkpoint, no manifest: interrupted
-    (tmp_path / "train" / "manifest.json").write_text("{}")
-    assert not pipeline._train_interrupted(tmp_path)
+    The pipeline used to peek into train's checkpoints and pass ``resume=True``, so a config
+    change after a crash stopped ``run`` with "checkpoint belongs to another config" while
+    ``train`` itself started over.
+    """
+    census = tmp_path / "census"
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(TINY_DEMO.replace('"{cache}/tiny-census"', f'"{census}"'))
+    run_dir = tmp_path / "run"
+    first = run_pipeline(load_config(cfg_path), run_dir=run_dir, to_stage="train")
+    assert [s.skipped for s in first.stages] == [False, False]
+    ckpts = list((run_dir / "train" / "checkpoints").glob("*.ckpt"))
+    assert ckpts, "training left no checkpoint to resume from"
+    (run_dir / "train" / "manifest.json").unlink()  # as if killed after the last checkpoint
+    changed = load_config(cfg_path, overrides=["train.seed=7"])
+    again = run_pipeline(changed, run_dir=run_dir, to_stage="train")
+    assert [(s.stage, s.skipped) for s in again.stages] == [("prepare", True), ("train", False)]
+    assert again.stages[1].result.resumed_from_epoch is None
+    assert (run_dir / "train" / "manifest.json").is_file()
 
 
 TINY_DEMO = """

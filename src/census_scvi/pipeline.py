@@ -3,7 +3,8 @@
 Each stage decides by itself whether its ``manifest.json`` matches its config and inputs (then it
 returns a "skipped" result at once), so a rerun after a crash or a config change redoes exactly
 the stages whose inputs changed: a new model changes embed's inputs, a new embedding evaluate's.
-``evaluate`` runs when the ``census_scvi.evaluate._stage`` module is available.
+``evaluate`` runs when its optional dependency (scib-metrics, the ``eval`` extra) is installed;
+otherwise ``run`` skips it with one line naming the install command.
 
 Examples
 --------
@@ -25,18 +26,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from census_scvi.constants import (
-    CHECKPOINTS_DIR,
     CONFIG_FILE,
     EMBED_DIR,
     EVALUATE_DIR,
     LATENT_FILE,
-    MANIFEST_FILE,
     REPORT_FILE,
     STAGES,
     TRAIN_DIR,
 )
 from census_scvi.errors import CensusScviError
-from census_scvi.rundir import write_run_config
+from census_scvi.rundir import is_global_zero, write_run_config
 
 if TYPE_CHECKING:
     from census_scvi.config import Config
@@ -83,7 +82,10 @@ class PipelineResult:
             lines.append(f"  {first}{timing}")
             lines.extend(f"  {line}" for line in rest)
         for stage in self.unavailable:
-            lines.append(f"  {stage}: not available in this installation, not run")
+            lines.append(
+                f"  {stage}: skipped, scib-metrics is not installed "
+                "(pip install 'census-scvi[eval]')"
+            )
         key_files = [
             self.run_dir / CONFIG_FILE,
             self.run_dir / TRAIN_DIR,
@@ -96,8 +98,13 @@ class PipelineResult:
         return "\n".join(lines)
 
 
+#: The optional dependency each optional stage needs (the ``eval`` extra installs it).
+_OPTIONAL = {"evaluate": "scib_metrics"}
+
+
 def _available(stage: str) -> bool:
-    return importlib.util.find_spec(f"census_scvi.{stage}") is not None
+    need = _OPTIONAL.get(stage)
+    return need is None or importlib.util.find_spec(need) is not None
 
 
 def stage_range(
@@ -134,30 +141,11 @@ def stage_range(
     unavailable = []
     if "evaluate" in stages and not available("evaluate"):
         if names.get("--to") == "evaluate" or names.get("--from") == "evaluate":
-            msg = "the evaluate stage is not available in this installation"
-            raise CensusScviError(msg, hint="install census-scvi[eval]")
+            msg = "the evaluate stage needs scib-metrics, which is not installed"
+            raise CensusScviError(msg, hint="pip install 'census-scvi[eval]'")
         stages.remove("evaluate")
         unavailable.append("evaluate")
     return stages, unavailable
-
-
-def _is_global_zero() -> bool:
-    """False in a process a launcher (Lightning DDP, SLURM) started as another rank."""
-    from census_scvi.train._stage import _env_is_global_zero
-
-    return _env_is_global_zero()
-
-
-def _train_interrupted(run_dir: Path) -> bool:
-    """A training run left checkpoints but no manifest: continue it rather than refuse."""
-    try:
-        from census_scvi.train._callbacks import LAST_CHECKPOINT
-    except ImportError:  # pragma: no cover - depends on the train module's internals
-        LAST_CHECKPOINT = "last.ckpt"
-    train_dir = run_dir / TRAIN_DIR
-    return (train_dir / CHECKPOINTS_DIR / LAST_CHECKPOINT).is_file() and not (
-        train_dir / MANIFEST_FILE
-    ).is_file()
 
 
 def _run_stage(stage: str, config: Config, run_dir: Path, force: bool) -> Any:
@@ -168,10 +156,8 @@ def _run_stage(stage: str, config: Config, run_dir: Path, force: bool) -> Any:
     if stage == "train":
         from census_scvi.train import run_train
 
-        resume = not force and _train_interrupted(run_dir)
-        if resume:
-            logger.info("train: continuing the interrupted run from its last checkpoint")
-        return run_train(config, run_dir=run_dir, force=force, resume=resume)
+        # an interrupted run of the same config continues from its checkpoint by itself
+        return run_train(config, run_dir=run_dir, force=force)
     if stage == "embed":
         from census_scvi.embed import run_embed
 
@@ -220,7 +206,7 @@ def run_pipeline(
         raise CensusScviError(
             msg, hint="run 'census-scvi prepare' once, then torchrun the train and embed commands"
         )
-    worker = not _is_global_zero()
+    worker = not is_global_zero()
     if worker and "train" in stages:
         # a process Lightning's DDP launcher started re-runs this command: it joins training
         # (prepare is already done, so skipped) and stops; rank 0 goes on with embed/evaluate

@@ -14,23 +14,42 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from census_scvi.constants import CONFIG_FILE, MANIFEST_FILE
+import numpy as np
+import numpy.typing as npt
+
+from census_scvi.constants import (
+    CONFIG_FILE,
+    EMBED_DIR,
+    LATENT_FILE,
+    LATENT_IDX_FILE,
+    MANIFEST_FILE,
+    TRAIN_DIR,
+)
 from census_scvi.errors import CensusScviError
+
+if TYPE_CHECKING:
+    from census_scvi.config import Config
 
 __all__ = [
     "Manifest",
+    "StageRun",
     "StageTimer",
     "atomic_path",
     "file_hash",
+    "load_embedding",
+    "model_dir",
+    "is_global_zero",
+    "output_sizes",
     "package_versions",
     "peak_rss_bytes",
     "read_manifest",
+    "run_stage",
     "stage_dir",
     "write_json_atomic",
     "write_manifest",
@@ -220,3 +239,205 @@ def refuse_overwrite(path: Path, *, force: bool, what: str) -> None:
     if path.exists() and not force:
         msg = f"{what} already exists at {path}"
         raise CensusScviError(msg, hint="pass --force to overwrite it")
+
+
+# ----------------------------------------------------------------------------------------------
+# identity of inputs
+# ----------------------------------------------------------------------------------------------
+def is_global_zero() -> bool:
+    """False in a process that a launcher (Lightning, torchrun, SLURM) started as another rank."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
+        try:
+            if int(os.environ.get(var, "0") or 0) != 0:
+                return False
+        except ValueError:
+            continue
+    return True
+
+
+def output_sizes(run_dir: Path, paths: Mapping[str, Path]) -> dict[str, int]:
+    """Bytes of each output (a folder: the sum of its files), keyed by path relative to run_dir."""
+    out = {}
+    for path in paths.values():
+        if path.is_dir():
+            size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        else:
+            size = path.stat().st_size
+        out[str(path.relative_to(run_dir))] = int(size)
+    return out
+
+
+def _outputs_intact(run_dir: Path, recorded: Mapping[str, Any] | None) -> bool:
+    """Every output the manifest recorded is still there with its recorded size."""
+    for rel, size in (recorded or {}).items():
+        path = run_dir / rel
+        if not path.exists():
+            logger.info("%s is missing; redoing its stage", path)
+            return False
+        now = output_sizes(run_dir, {rel: path})[rel]
+        if now != size:
+            logger.info("%s changed size (%d -> %d bytes); redoing its stage", path, size, now)
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# the bookkeeping every stage shares
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class StageRun:
+    """One stage's run as :func:`run_stage` sees it.
+
+    ``skipped`` is True when a finished run with the same config and inputs is on disk (then
+    ``previous`` is its manifest and the stage returns at once). Otherwise the stage does its
+    work, calls :meth:`record` with its figures and outputs, and ``run_stage`` writes the
+    manifest last.
+    """
+
+    run_dir: Path
+    dir: Path
+    manifest: Manifest
+    previous: dict[str, Any] | None
+    skipped: bool
+    timer: StageTimer = field(default_factory=StageTimer)
+    _paths: dict[str, Path] = field(default_factory=dict)
+    _extra: dict[str, Any] = field(default_factory=dict)
+    _recorded: bool = False
+
+    @property
+    def figures(self) -> dict[str, Any]:
+        """The previous run's figures when skipped, else this run's (after :meth:`record`)."""
+        if self.skipped:
+            return dict((self.previous or {}).get("figures", {}))
+        return self.manifest.figures
+
+    def record(
+        self,
+        *,
+        figures: Mapping[str, Any],
+        outputs: Mapping[str, Path],
+        census: Mapping[str, Any] | None = None,
+        listed: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        """What the manifest will say: figures, the output paths, the census read.
+
+        ``outputs`` are checked for existence and their sizes recorded (``files``), so a rerun
+        redoes the stage when one goes missing; ``listed`` overrides how they are listed under
+        ``outputs`` (default: the path relative to the run directory). ``extra`` adds top-level
+        fields (e.g. the resolved config).
+        """
+        missing = [str(p) for p in outputs.values() if not p.exists()]
+        if missing:
+            msg = f"{self.manifest.stage}: outputs missing after the run: {', '.join(missing)}"
+            raise CensusScviError(msg, hint="this is a bug; please report it with --debug")
+        self.manifest.figures = dict(figures)
+        self.manifest.outputs = (
+            dict(listed)
+            if listed is not None
+            else {k: str(p.relative_to(self.run_dir)) for k, p in outputs.items()}
+        )
+        if census is not None:
+            self.manifest.census = dict(census)
+        self._paths = dict(outputs)
+        self._extra = dict(extra or {})
+        self._recorded = True
+
+
+@contextlib.contextmanager
+def run_stage(
+    run_dir: str | os.PathLike[str],
+    stage: str,
+    *,
+    config: Config,
+    sections: Iterable[str],
+    inputs: Mapping[str, str],
+    force: bool = False,
+    write_config: bool = True,
+) -> Iterator[StageRun]:
+    """The bookkeeping of one stage: skip if current, else run and write the manifest last.
+
+    Parameters
+    ----------
+    run_dir
+        The run directory; the stage works in ``run_dir/<stage>``.
+    stage
+        The stage's name (its folder).
+    config
+        The resolved config; written to ``run_dir/config.yaml`` when the stage runs.
+    sections
+        The config sections whose hash identifies this stage's run.
+    inputs
+        The stage's inputs (census fingerprint, upstream model hash, ...): a change redoes it.
+    force
+        Redo the stage even when its manifest matches.
+    write_config
+        Write the resolved config (off for worker ranks).
+
+    Yields
+    ------
+    A :class:`StageRun`. When it is ``skipped`` the caller returns its cached result; otherwise
+    the caller does the work and calls ``record``; the manifest is written when the block ends
+    without an error (never on error, so an interrupted stage is redone).
+    """
+    from census_scvi.config import config_hash, dump_config
+
+    run_dir = Path(run_dir)
+    sdir = stage_dir(run_dir, stage)
+    manifest = Manifest(stage=stage, config_hash=config_hash(config, sections=sections))
+    manifest.inputs = dict(inputs)
+    previous = read_manifest(sdir)
+    current = (
+        not force
+        and manifest.matches(previous)
+        and previous is not None
+        and _outputs_intact(run_dir, previous.get("files"))
+    )
+    run = StageRun(run_dir, sdir, manifest, previous, skipped=current)
+    if current:
+        logger.info("%s: manifest matches config and inputs; skipping (--force redoes it)", stage)
+        yield run
+        return
+    if previous is not None and not force:
+        logger.info("%s: config, inputs or outputs changed since the last run; redoing it", stage)
+    (sdir / MANIFEST_FILE).unlink(missing_ok=True)
+    if write_config:
+        write_run_config(run_dir, dump_config(config))
+    manifest.started = run.timer.started
+    yield run
+    if not run._recorded:
+        return  # a worker rank or a partial run (an embed shard): no manifest
+    data = manifest.to_dict()
+    data["files"] = output_sizes(run_dir, run._paths)
+    data.update(run._extra)
+    manifest.finished = _now()
+    data["finished"] = manifest.finished
+    write_json_atomic(sdir / MANIFEST_FILE, data)
+
+
+# ----------------------------------------------------------------------------------------------
+# reading what earlier stages wrote
+# ----------------------------------------------------------------------------------------------
+def model_dir(run_dir: Path, filename: str) -> Path:
+    """``RUN_DIR/train/<model.filename>``, or a clear error when training has not run."""
+    path = Path(run_dir) / TRAIN_DIR / filename
+    if not (path / "model.pt").is_file():
+        msg = f"no trained model at {path}"
+        raise CensusScviError(msg, hint="run 'census-scvi train' (or 'census-scvi run') first")
+    return path
+
+
+def load_embedding(run_dir: Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """The embedded cells: latent (memory-mapped, n_cells x n_latent) and their soma_joinids."""
+    d = Path(run_dir) / EMBED_DIR
+    lat, idx = d / LATENT_FILE, d / LATENT_IDX_FILE
+    for p in (lat, idx):
+        if not p.is_file():
+            msg = f"embedding file missing: {p}"
+            raise CensusScviError(msg, hint="run 'census-scvi embed' (or 'census-scvi run') first")
+    latent = np.load(lat, mmap_mode="r")
+    joinids = np.load(idx).astype(np.int64, copy=False)
+    if latent.ndim != 2 or latent.shape[0] != joinids.shape[0]:
+        msg = f"{lat} has shape {latent.shape} but {idx} has {joinids.shape[0]} rows"
+        raise CensusScviError(msg, hint="re-run 'census-scvi embed --force'")
+    return latent, joinids

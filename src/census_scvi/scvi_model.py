@@ -32,6 +32,7 @@ __all__ = [
     "encode_csr",
     "load_encoder",
     "model_registry",
+    "model_var_names",
     "quiet_scvi",
     "save_minified_model",
 ]
@@ -289,3 +290,11 @@ def save_minified_model(
     model.adata.obs[model._OBSERVED_LIB_SIZE_KEY] = np.asarray(library_size, dtype=np.float32)
     with quiet_scvi():
         model.save(str(out_dir), save_anndata=True, overwrite=True)
+
+
+def model_var_names(path: Path) -> pd.Index:
+    """The genes (feature_ids, in model order) a saved scvi-tools model was trained on."""
+    import pandas as pd
+
+    registry = model_registry(Path(path))
+    return pd.Index(registry["field_registries"]["X"]["state_registry"]["column_names"])

@@ -48,26 +48,16 @@ from census_scvi.constants import (
     UMAP_FILE,
 )
 from census_scvi.errors import CensusScviError
-from census_scvi.evaluate._data import (
-    load_embedding,
-    model_dir,
-    model_var_names,
-    read_counts,
-    read_obs,
-    stratified_indices,
-)
 from census_scvi.evaluate._metrics import benchmark, classifier_scores, pca_baseline
-from census_scvi.evaluate._report import (
-    draw_umap,
-    model_card_markdown,
-    report_markdown,
-    umap_coords,
-)
+from census_scvi.evaluate._report import model_card_markdown, report_markdown
+from census_scvi.plots import draw_umap, umap_coords
 from census_scvi.rundir import (
     Manifest,
     StageTimer,
     atomic_path,
     file_hash,
+    load_embedding,
+    model_dir,
     package_versions,
     peak_rss_bytes,
     read_manifest,
@@ -76,6 +66,8 @@ from census_scvi.rundir import (
     write_manifest,
     write_run_config,
 )
+from census_scvi.scvi_model import model_var_names
+from census_scvi.soma import read_counts, read_obs, stratified_indices
 
 if TYPE_CHECKING:
     from census_scvi.config import Config

@@ -347,8 +347,8 @@ def _reference(
     config: Config, run_dir: Path, label_key: str
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.object_], npt.NDArray[np.int64]]:
     """Reference latent rows and labels: a stratified sample of at most map.knn_reference_cells."""
-    from census_scvi.evaluate._data import load_embedding, read_obs, stratified_indices
-    from census_scvi.soma import get_experiment, open_census
+    from census_scvi.rundir import load_embedding
+    from census_scvi.soma import get_experiment, open_census, read_obs, stratified_indices
 
     latent, joinids = load_embedding(run_dir)
     with open_census(config) as census:
@@ -368,8 +368,8 @@ def _picture(
     ref_labels: npt.NDArray[np.object_],
     label_key: str,
 ) -> None:
-    from census_scvi.evaluate._data import stratified_indices
-    from census_scvi.evaluate._report import draw_umap, umap_coords
+    from census_scvi.plots import draw_umap, umap_coords
+    from census_scvi.soma import stratified_indices
 
     pick = stratified_indices(ref_labels, config.map.reference_sample_size, seed=config.map.seed)
     z = np.concatenate([z_ref[pick], z_query])

@@ -48,17 +48,8 @@ from census_scvi.constants import (
 )
 from census_scvi.errors import CensusScviError
 from census_scvi.progress import track
-from census_scvi.rundir import (
-    Manifest,
-    StageTimer,
-    atomic_path,
-    file_hash,
-    peak_rss_bytes,
-    read_manifest,
-    stage_dir,
-    write_manifest,
-    write_run_config,
-)
+from census_scvi.rundir import atomic_path, peak_rss_bytes, run_stage
+from census_scvi.soma import census_fingerprint
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -79,7 +70,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CELLS_FILE = "cells.parquet"
-_STAGE = "prepare"
 # config sections whose change invalidates prepare's artifacts (train.mode goes into the inputs)
 _SECTIONS = ("census", "hvg", "anndata")
 
@@ -512,25 +502,6 @@ def write_model_anndata(
 # ----------------------------------------------------------------------------------------------
 # the stage
 # ----------------------------------------------------------------------------------------------
-def _census_identity(config: Config) -> str:
-    uri = config.census_uri()
-    if uri is not None and "://" not in uri and Path(uri).exists():
-        return f"{uri}#{file_hash(uri)}"
-    if uri is not None:
-        return uri
-    return f"census_version:{config.census.version}"
-
-
-def _manifest_key(config: Config) -> Manifest:
-    from census_scvi.config import config_hash
-
-    return Manifest(
-        stage=_STAGE,
-        config_hash=config_hash(config, sections=_SECTIONS),
-        inputs={"census": _census_identity(config), "train.mode": config.train.mode},
-    )
-
-
 def _expected_outputs(config: Config, pdir: Path) -> dict[str, Path]:
     out = {"hvg": pdir / HVG_FILE, "cells": pdir / CELLS_FILE}
     if config.train.mode == "memory":
@@ -556,35 +527,29 @@ def run_prepare(config: Config, *, run_dir: Path, force: bool = False) -> Prepar
     -------
     A :class:`PrepareResult`; ``print(result.summary())`` describes it.
     """
-    from census_scvi.config import dump_config
-
     run_dir = Path(run_dir)
-    write_run_config(run_dir, dump_config(config))
-    pdir = stage_dir(run_dir, PREPARE_DIR)
-    manifest = _manifest_key(config)
-    outputs = _expected_outputs(config, pdir)
-    old = read_manifest(pdir)
-    if not force and manifest.matches(old) and all(p.exists() for p in outputs.values()):
-        assert old is not None
-        logger.info("prepare: manifest matches config and census; skipping (use --force to redo)")
-        return PrepareResult.from_manifest(run_dir, old)
-    if old is not None:
-        if not force:
-            logger.info("prepare: config or census changed since the last run; redoing it")
-        (pdir / "manifest.json").unlink(missing_ok=True)
-    timer = StageTimer()
-    manifest.started = timer.started
-    result = _prepare(config, run_dir=run_dir, outputs=outputs)
-    result.seconds = timer.seconds
-    result.peak_rss_bytes = peak_rss_bytes()
-    manifest.figures = result.figures()
-    manifest.outputs = {k: str(v) for k, v in outputs.items()}
-    manifest.census = {
-        "uri": config.census_uri(),
-        "version": config.census.version,
-        "organism": config.census.organism,
-    }
-    write_manifest(pdir, manifest)
+    outputs = _expected_outputs(config, run_dir / PREPARE_DIR)
+    inputs = {"census": census_fingerprint(config), "train.mode": config.train.mode}
+    with run_stage(
+        run_dir, PREPARE_DIR, config=config, sections=_SECTIONS, inputs=inputs, force=force
+    ) as stage:
+        if stage.skipped:
+            assert stage.previous is not None
+            return PrepareResult.from_manifest(run_dir, stage.previous)
+        result = _prepare(config, run_dir=run_dir, outputs=outputs)
+        result.seconds = stage.timer.seconds
+        result.peak_rss_bytes = peak_rss_bytes()
+        census = {
+            "uri": config.census_uri(),
+            "version": config.census.version,
+            "organism": config.census.organism,
+        }
+        stage.record(
+            figures=result.figures(),
+            outputs=outputs,
+            listed={k: str(v) for k, v in outputs.items()},
+            census=census,
+        )
     return result
 
 

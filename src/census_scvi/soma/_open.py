@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from census_scvi.config import Config
 
 __all__ = [
+    "census_fingerprint",
     "ensure_demo_census",
     "experiment_name",
     "get_experiment",
@@ -80,8 +81,7 @@ def open_census(
     """
     uri = config.census_uri()
     if uri is not None:
-        if config.census.demo is not None and "://" not in uri and not Path(uri).exists():
-            ensure_demo_census(uri, config)
+        _ensure_demo(uri, config)
         census = open_census_uri(uri, tiledb_config=tiledb_config)
     else:
         census = _open_version(str(config.census.version), tiledb_config)
@@ -89,6 +89,29 @@ def open_census(
         yield census
     finally:
         census.close()
+
+
+def census_fingerprint(config: Config) -> str:
+    """The census a stage reads, as every stage records it in its manifest inputs.
+
+    A local census folder is identified by its path and a hash of its files' names, sizes and
+    mtimes (so a rebuilt census is a new input); a remote URI or a Census release by its name.
+    """
+    uri = config.census_uri()
+    if uri is not None:
+        _ensure_demo(uri, config)  # the fingerprint of the census as it will be read
+    if uri is not None and "://" not in uri and Path(uri).exists():
+        from census_scvi.rundir import file_hash
+
+        return f"{uri}#{file_hash(uri)}"
+    if uri is not None:
+        return uri
+    return f"census_version:{config.census.version}"
+
+
+def _ensure_demo(uri: str, config: Config) -> None:
+    if config.census.demo is not None and "://" not in uri and not Path(uri).exists():
+        ensure_demo_census(uri, config)
 
 
 def ensure_demo_census(uri: str, config: Config) -> None:

@@ -1,14 +1,9 @@
-"""Reading what evaluate and map need from a run directory and its census.
-
-The embedded cells (``embed/latent.npy`` + ``embed/latent-idx.npy``), their obs columns read from
-the census by ``soma_joinid``, the model's genes, and raw counts of a few cells for those genes.
-"""
+"""Reading cells by ``soma_joinid``: obs columns, raw counts of a few cells, a stratified sample."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,13 +11,9 @@ import numpy.typing as npt
 import pandas as pd
 
 from census_scvi.constants import (
-    EMBED_DIR,
     FEATURE_ID,
-    LATENT_FILE,
-    LATENT_IDX_FILE,
     MEASUREMENT,
     SOMA_JOINID,
-    TRAIN_DIR,
     X_RAW,
 )
 from census_scvi.errors import CensusScviError
@@ -32,48 +23,12 @@ if TYPE_CHECKING:
     import tiledbsoma as soma
 
 __all__ = [
-    "load_embedding",
-    "model_dir",
-    "model_var_names",
     "read_counts",
     "read_obs",
     "stratified_indices",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def model_dir(run_dir: Path, filename: str) -> Path:
-    """``RUN_DIR/train/<model.filename>``, or a clear error when training has not run."""
-    path = Path(run_dir) / TRAIN_DIR / filename
-    if not (path / "model.pt").is_file():
-        msg = f"no trained model at {path}"
-        raise CensusScviError(msg, hint="run 'census-scvi train' (or 'census-scvi run') first")
-    return path
-
-
-def load_embedding(run_dir: Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """The embedded cells: latent (memory-mapped, n_cells x n_latent) and their soma_joinids."""
-    d = Path(run_dir) / EMBED_DIR
-    lat, idx = d / LATENT_FILE, d / LATENT_IDX_FILE
-    for p in (lat, idx):
-        if not p.is_file():
-            msg = f"embedding file missing: {p}"
-            raise CensusScviError(msg, hint="run 'census-scvi embed' (or 'census-scvi run') first")
-    latent = np.load(lat, mmap_mode="r")
-    joinids = np.load(idx).astype(np.int64, copy=False)
-    if latent.ndim != 2 or latent.shape[0] != joinids.shape[0]:
-        msg = f"{lat} has shape {latent.shape} but {idx} has {joinids.shape[0]} rows"
-        raise CensusScviError(msg, hint="re-run 'census-scvi embed --force'")
-    return latent, joinids
-
-
-def model_var_names(path: Path) -> pd.Index:
-    """The genes (feature_ids, in model order) a saved scvi-tools model was trained on."""
-    from census_scvi.scvi_model import model_registry
-
-    registry = model_registry(Path(path))
-    return pd.Index(registry["field_registries"]["X"]["state_registry"]["column_names"])
 
 
 def read_obs(
