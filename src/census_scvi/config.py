@@ -214,6 +214,17 @@ class TrainConfig(_Section):
     )
     seed: int = Field(0, ge=0)
     checkpoint_every_n_epochs: int = Field(1, gt=0)
+    checkpoint_every_minutes: float | None = Field(
+        10.0,
+        gt=0,
+        description="also checkpoint when this many minutes passed since the last checkpoint "
+        "(whichever of this and checkpoint_every_n_epochs comes first); null: by epochs only",
+    )
+    fast_likelihood: bool = Field(
+        True,
+        description="train with census-scvi's same-math negative-binomial / ZINB likelihood "
+        "(per-gene terms once per gene, zero-aware terms on non-zeros only); false: scvi-tools' own",
+    )
     stream_io_batch_size: int = Field(
         16_384,
         gt=0,
