@@ -6,6 +6,7 @@ project's own type print one line on stderr and exit 2 (traceback only with ``--
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -92,9 +93,29 @@ def _guard(fn: Callable[[], Any]) -> Any:
         return fn()
     except CensusScviError as e:
         _fail(e)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        _fail(CensusScviError(f"no space left on the device{where}", hint="free disk space, rerun"))
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+
+
+def _stage(
+    module: str, config: Path | None, sets: list[str] | None, run_dir: Path | None, **kw: Any
+) -> None:
+    """The body every config-driven command shares: load config, ``run_<module>``, print."""
+
+    def go() -> Any:
+        import importlib
+
+        run = getattr(importlib.import_module(f"census_scvi.{module}"), f"run_{module}")
+        cfg = _load(config, sets)
+        return run(cfg, run_dir=_run_dir(cfg, run_dir), **kw)
+
+    _print_result(_guard(go))
 
 
 def _load(config: Path | None, sets: list[str] | None) -> Config:
@@ -151,14 +172,7 @@ def prepare_cmd(
     force: ForceOpt = False,
 ) -> None:
     """Select cells and highly variable genes; write the training data (mode memory)."""
-
-    def go() -> Any:
-        from census_scvi.prepare import run_prepare
-
-        cfg = _load(config, set_)
-        return run_prepare(cfg, run_dir=_run_dir(cfg, run_dir), force=force)
-
-    _print_result(_guard(go))
+    _stage("prepare", config, set_, run_dir, force=force)
 
 
 @app.command("train")
@@ -172,14 +186,7 @@ def train_cmd(
     ] = False,
 ) -> None:
     """Train scVI exactly as configured (in memory or streamed from SOMA)."""
-
-    def go() -> Any:
-        from census_scvi.train import run_train
-
-        cfg = _load(config, set_)
-        return run_train(cfg, run_dir=_run_dir(cfg, run_dir), force=force, resume=resume)
-
-    _print_result(_guard(go))
+    _stage("train", config, set_, run_dir, force=force, resume=resume)
 
 
 def _parse_shard(shard: str | None) -> tuple[int, int] | None:
@@ -211,18 +218,8 @@ def embed_cmd(
 ) -> None:
     """Embed every selected cell with the trained model, in chunks, resumable."""
 
-    def go() -> Any:
-        from census_scvi.embed import run_embed
-
-        if shard is not None and merge:
-            msg = "--shard and --merge cannot be used together"
-            raise CensusScviError(msg, hint="run the shards first, then --merge once")
-        cfg = _load(config, set_)
-        return run_embed(
-            cfg, run_dir=_run_dir(cfg, run_dir), force=force, shard=_parse_shard(shard), merge=merge
-        )
-
-    _print_result(_guard(go))
+    parsed = _guard(lambda: _parse_shard(shard))
+    _stage("embed", config, set_, run_dir, force=force, shard=parsed, merge=merge)
 
 
 @app.command("evaluate")
@@ -233,14 +230,7 @@ def evaluate_cmd(
     force: ForceOpt = False,
 ) -> None:
     """Score the embedding (scib-metrics, classifiers), draw a UMAP, write a model card."""
-
-    def go() -> Any:
-        from census_scvi.evaluate import run_evaluate
-
-        cfg = _load(config, set_)
-        return run_evaluate(cfg, run_dir=_run_dir(cfg, run_dir), force=force)
-
-    _print_result(_guard(go))
+    _stage("evaluate", config, set_, run_dir, force=force)
 
 
 @app.command("run")
@@ -256,15 +246,7 @@ def run_cmd(
 ) -> None:
     """Run prepare -> train -> embed -> evaluate, skipping stages that are already done."""
 
-    def go() -> Any:
-        from census_scvi.pipeline import run_pipeline
-
-        cfg = _load(config, set_)
-        return run_pipeline(
-            cfg, run_dir=_run_dir(cfg, run_dir), from_stage=from_, to_stage=to, force=force
-        )
-
-    _print_result(_guard(go))
+    _stage("pipeline", config, set_, run_dir, from_stage=from_, to_stage=to, force=force)
 
 
 @app.command("map")

@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from census_scvi.constants import BATCH_METRICS, BIO_METRICS, CACHE_ENV
 from census_scvi.errors import CensusScviError
@@ -49,8 +57,63 @@ __all__ = [
 ]
 
 
+_NUMBERS = (int, float, int | None, float | None)
+_BOOLS = (bool, bool | None)
+#: Config keys that name a file or folder inside a stage directory.
+_FILE_NAME_FIELDS = ("filename", "model_filename")
+#: Names a stage uses itself: a config name may not shadow (and so delete) them.
+_RESERVED_NAMES = frozenset(
+    {"manifest.json", "config.yaml", "logs", "checkpoints", "hvg.parquet", "cells.parquet"}
+)
+
+
+def check_file_name(name: str, *, key: str, reserved: Iterable[str] = ()) -> str:
+    """``name`` if it is a plain file name (no folder part, not ``..``, not hidden), else an error.
+
+    Examples
+    --------
+    >>> check_file_name("scvi.model", key="model.filename")
+    'scvi.model'
+    """
+    bad = (
+        not name
+        or name in (".", "..")
+        or name.startswith(".")
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or Path(name).is_absolute()
+    )
+    if bad:
+        msg = f"{key} must be a plain file name (no '/', '..', leading '.' or absolute path)"
+        raise ValueError(msg)
+    if name in reserved:
+        msg = f"{name!r} is a name census-scvi uses itself; choose another name"
+        raise ValueError(msg)
+    return name
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_numbers_and_bools(cls, v: Any, info: ValidationInfo) -> Any:
+        """``max_epochs: true`` is not 1 and ``early_stopping: 1`` is not true (YAML's 1.1 lax types)."""
+        ann = cls.model_fields[info.field_name].annotation if info.field_name else None
+        if isinstance(v, bool) and ann in _NUMBERS:
+            msg = f"expected a number, got {v!r}"
+            raise ValueError(msg)
+        if ann in _BOOLS and v is not None and not isinstance(v, bool):
+            msg = f"expected true or false, got {v!r}"
+            raise ValueError(msg)
+        return v
+
+    @field_validator(*_FILE_NAME_FIELDS, mode="after", check_fields=False)
+    @classmethod
+    def _plain_file_name(cls, v: str, info: ValidationInfo) -> str:
+        """Names joined under ``RUN_DIR/<stage>/`` (and removed when a stage redoes) stay there."""
+        return check_file_name(v, key="the name", reserved=_RESERVED_NAMES)
 
 
 class DemoConfig(_Section):
@@ -474,7 +537,7 @@ def _format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
     value = first.get("input")
-    text = first["msg"]
+    text = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         return f"unknown key '{loc}'"
     more = len(err.errors()) - 1

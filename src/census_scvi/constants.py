@@ -48,6 +48,10 @@ CACHE_ENV = "CENSUS_SCVI_CACHE"
 # embed stage internals
 LATENT_LIBSIZE_FILE = "latent-libsize.npy"
 EMBED_LOCK_FILE = ".lock"
+#: The lock file that makes one process the writer of a stage folder (rundir.hold_lock).
+STAGE_LOCK = ".writer.lock"
+#: The lock file of a whole run directory (census-scvi run) and of a census being built.
+RUN_LOCK = ".census-scvi.lock"
 EMBEDDING_INFO_KEY = "CxG_embedding_info"
 
 # scib-metrics metric switches (BioConservation / BatchCorrection field names, scib-metrics 0.5)

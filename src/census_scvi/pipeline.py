@@ -16,6 +16,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -31,11 +32,12 @@ from census_scvi.constants import (
     EVALUATE_DIR,
     LATENT_FILE,
     REPORT_FILE,
+    RUN_LOCK,
     STAGES,
     TRAIN_DIR,
 )
 from census_scvi.errors import CensusScviError
-from census_scvi.rundir import is_global_zero, write_run_config
+from census_scvi.rundir import hold_lock, is_global_zero, write_run_config
 
 if TYPE_CHECKING:
     from census_scvi.config import Config
@@ -216,10 +218,13 @@ def run_pipeline(
         write_run_config(run_dir, dump_config(config))
     result = PipelineResult(run_dir=run_dir, unavailable=unavailable)
     t0 = time.perf_counter()
-    for stage in stages:
-        logger.info("census-scvi run: %s", stage)
-        t = time.perf_counter()
-        stage_result = _run_stage(stage, config, run_dir, force)
-        result.stages.append(StageRun(stage, stage_result, time.perf_counter() - t))
+    with contextlib.ExitStack() as stack:
+        if not worker:  # one 'census-scvi run' per run directory; DDP worker ranks join rank 0's
+            stack.enter_context(hold_lock(run_dir / RUN_LOCK, what=f"run directory {run_dir}"))
+        for stage in stages:
+            logger.info("census-scvi run: %s", stage)
+            t = time.perf_counter()
+            stage_result = _run_stage(stage, config, run_dir, force)
+            result.stages.append(StageRun(stage, stage_result, time.perf_counter() - t))
     result.seconds = time.perf_counter() - t0
     return result

@@ -12,7 +12,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -41,7 +43,9 @@ __all__ = [
     "StageRun",
     "StageTimer",
     "atomic_path",
+    "clean_stale_temporaries",
     "file_hash",
+    "hold_lock",
     "load_embedding",
     "model_dir",
     "is_global_zero",
@@ -49,6 +53,7 @@ __all__ = [
     "package_versions",
     "peak_rss_bytes",
     "read_manifest",
+    "remove_within",
     "run_stage",
     "stage_dir",
     "write_json_atomic",
@@ -354,6 +359,7 @@ def run_stage(
     inputs: Mapping[str, str],
     force: bool = False,
     write_config: bool = True,
+    lock: str | None = None,
 ) -> Iterator[StageRun]:
     """The bookkeeping of one stage: skip if current, else run and write the manifest last.
 
@@ -373,6 +379,10 @@ def run_stage(
         Redo the stage even when its manifest matches.
     write_config
         Write the resolved config (off for worker ranks).
+    lock
+        Name of the lock file in the stage folder that makes this process its only writer
+        (:func:`hold_lock`; e.g. ``STAGE_LOCK``, or one per embed shard); None takes no lock.
+        Holding it, temporaries of killed earlier runs are removed.
 
     Yields
     ------
@@ -380,10 +390,28 @@ def run_stage(
     the caller does the work and calls ``record``; the manifest is written when the block ends
     without an error (never on error, so an interrupted stage is redone).
     """
-    from census_scvi.config import config_hash, dump_config
 
     run_dir = Path(run_dir)
     sdir = stage_dir(run_dir, stage)
+    with contextlib.ExitStack() as stack:
+        if lock is not None:
+            stack.enter_context(hold_lock(sdir / lock, what=f"{sdir}"))
+            clean_stale_temporaries(sdir)
+        yield from _stage_run(run_dir, sdir, stage, config, sections, inputs, force, write_config)
+
+
+def _stage_run(
+    run_dir: Path,
+    sdir: Path,
+    stage: str,
+    config: Config,
+    sections: Iterable[str],
+    inputs: Mapping[str, str],
+    force: bool,
+    write_config: bool,
+) -> Iterator[StageRun]:
+    from census_scvi.config import config_hash, dump_config
+
     manifest = Manifest(stage=stage, config_hash=config_hash(config, sections=sections))
     manifest.inputs = dict(inputs)
     previous = read_manifest(sdir)
@@ -441,3 +469,138 @@ def load_embedding(run_dir: Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[
         msg = f"{lat} has shape {latent.shape} but {idx} has {joinids.shape[0]} rows"
         raise CensusScviError(msg, hint="re-run 'census-scvi embed --force'")
     return latent, joinids
+
+
+# ----------------------------------------------------------------------------------------------
+# one writer at a time, and what killed writers left behind
+# ----------------------------------------------------------------------------------------------
+#: Temporary names this package writes: ``.<name>.tmp-PID`` (atomic_path) and build-census's
+#: ``.<name>.staging-PID`` / ``.<name>.old-PID`` folders.
+_TEMPORARY = re.compile(r"^\..+\.(?:tmp|staging|old)-(\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_dir() and not path.is_symlink():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    return path.lstat().st_size
+
+
+def remove_within(path: Path, root: Path) -> None:
+    """Remove ``path`` (file or folder), which must lie inside ``root``; anything else is a bug."""
+    path, root = Path(path), Path(root)
+    inside = path.resolve().is_relative_to(root.resolve()) and path.resolve() != root.resolve()
+    if not inside:
+        msg = f"refusing to remove {path}: it is not inside {root}"
+        raise CensusScviError(msg, hint="this is a bug; please report it with --debug")
+    _remove(path)
+
+
+def clean_stale_temporaries(directory: Path) -> int:
+    """Remove temporaries in ``directory`` whose writer process is dead; returns bytes freed.
+
+    Only names this package writes (``.X.tmp-PID``, ``.X.staging-PID``, ``.X.old-PID``) whose PID
+    is not a live process on this host are removed, and only inside ``directory``.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    freed, names = 0, []
+    for p in directory.iterdir():
+        m = _TEMPORARY.match(p.name)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        freed += _tree_bytes(p)
+        names.append(p.name)
+        remove_within(p, directory)
+    if names:
+        logger.warning(
+            "removed %d temporar%s left by killed runs in %s (%s freed): %s",
+            len(names),
+            "y" if len(names) == 1 else "ies",
+            directory,
+            _human_bytes(freed),
+            ", ".join(sorted(names)),
+        )
+    return freed
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"  # pragma: no cover
+
+
+@contextlib.contextmanager
+def hold_lock(path: str | os.PathLike[str], *, what: str) -> Iterator[None]:
+    """Be the only writer of ``what`` while the block runs (a lock file at ``path``).
+
+    The lock file records PID, host and start time. Another live holder: fails at once with one
+    line naming it. A holder on this host whose process is dead: taken over with a warning. A
+    holder on another host cannot be checked: refused, naming the file to remove if it is gone.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            _break_or_refuse(path, what)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:  # pragma: no cover - three takeovers raced away
+        msg = f"could not take the lock {path} for {what}"
+        raise CensusScviError(msg, hint="another process keeps taking it; retry")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()).get("pid") == me["pid"]:
+                path.unlink()
+
+
+def _break_or_refuse(path: Path, what: str) -> None:
+    try:
+        holder = json.loads(path.read_text())
+        pid, host, since = int(holder["pid"]), str(holder["host"]), str(holder["since"])
+    except (OSError, ValueError, KeyError, TypeError):
+        holder = None
+    if holder is None:  # half-written by a writer that died at once, or unreadable
+        age = time.time() - path.stat().st_mtime if path.exists() else 0.0
+        if age < 5:
+            time.sleep(0.2)
+            return
+        logger.warning("taking over unreadable lock %s", path)
+        path.unlink(missing_ok=True)
+        return
+    if host == socket.gethostname() and not _pid_alive(pid):
+        logger.warning(
+            "taking over the lock of %s from PID %d (host %s, since %s): that process is gone",
+            what,
+            pid,
+            host,
+            since,
+        )
+        path.unlink(missing_ok=True)
+        return
+    msg = f"{what} is in use by PID {pid} on {host} since {since} (lock {path})"
+    hint = (
+        "wait for it to finish"
+        if host == socket.gethostname()
+        else f"wait for it; if that process is gone, remove {path}"
+    )
+    raise CensusScviError(msg, hint=hint)

@@ -44,6 +44,7 @@ from census_scvi.constants import (
     MEASUREMENT,
     PREPARE_DIR,
     SOMA_JOINID,
+    STAGE_LOCK,
     X_RAW,
 )
 from census_scvi.errors import CensusScviError
@@ -531,7 +532,13 @@ def run_prepare(config: Config, *, run_dir: Path, force: bool = False) -> Prepar
     outputs = _expected_outputs(config, run_dir / PREPARE_DIR)
     inputs = {"census": census_fingerprint(config), "train.mode": config.train.mode}
     with run_stage(
-        run_dir, PREPARE_DIR, config=config, sections=_SECTIONS, inputs=inputs, force=force
+        run_dir,
+        PREPARE_DIR,
+        config=config,
+        sections=_SECTIONS,
+        inputs=inputs,
+        force=force,
+        lock=STAGE_LOCK,
     ) as stage:
         if stage.skipped:
             assert stage.previous is not None
