@@ -246,3 +246,28 @@ def test_temporaries_of_dead_runs_are_removed_live_ones_kept(tmp_path, caplog):
     with _stage(tmp_path) as st:
         assert not st.skipped
     assert not stale_file.exists()
+
+
+# -- item 9: a network that accepts but never answers cannot hang us ----------------------------
+def test_census_version_open_is_bounded_by_timeout(monkeypatch):
+    from cellxgene_census import _release_directory as rd
+
+    from census_scvi.soma import open_census
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel accepts connections; nobody ever answers
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/directory.json"
+    monkeypatch.setattr(rd, "CELL_CENSUS_RELEASE_DIRECTORY_URL", url)
+    monkeypatch.setattr(rd, "CELL_CENSUS_MIRRORS_DIRECTORY_URL", url)
+    cfg = load_config(
+        None, overrides=["census.uri=null", "census.version=stable", "census.timeout_s=1"]
+    )
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(CensusScviError, match="cannot open Census version 'stable'"):
+            with open_census(cfg):
+                pass
+    finally:
+        silent.close()
+    assert time.perf_counter() - t0 < 10

@@ -143,6 +143,12 @@ class CensusConfig(_Section):
         description="local path or URI of a SOMA census root; wins over version. "
         "'{cache}' expands to the per-user cache folder",
     )
+    timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="seconds any network call (Census release directory, S3 connect/request) "
+        "may take before census-scvi gives up with the offline message",
+    )
     demo: DemoConfig | None = Field(
         None, description="if set and uri does not exist, build the mini census there first"
     )

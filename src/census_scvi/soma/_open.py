@@ -84,7 +84,9 @@ def open_census(
         _ensure_demo(uri, config)
         census = open_census_uri(uri, tiledb_config=tiledb_config)
     else:
-        census = _open_version(str(config.census.version), tiledb_config)
+        census = _open_version(
+            str(config.census.version), tiledb_config, timeout_s=config.census.timeout_s
+        )
     try:
         yield census
     finally:
@@ -128,19 +130,58 @@ def ensure_demo_census(uri: str, config: Config) -> None:
             raise
 
 
-def _open_version(version: str, tiledb_config: dict[str, Any] | None) -> soma.Collection:
+def _open_version(
+    version: str, tiledb_config: dict[str, Any] | None, *, timeout_s: float = 30.0
+) -> soma.Collection:
     import cellxgene_census
 
+    ms = int(timeout_s * 1000)
+    bounded = {
+        "vfs.s3.connect_timeout_ms": ms,
+        "vfs.s3.request_timeout_ms": ms,
+        **(tiledb_config or {}),
+    }
     try:
-        return cellxgene_census.open_soma(
-            census_version=version, context=_soma_context(tiledb_config)
-        )
+        with _http_timeout(timeout_s):
+            return cellxgene_census.open_soma(
+                census_version=version, context=_soma_context(bounded)
+            )
     except Exception as e:  # noqa: BLE001 - network, S3 and lookup errors all mean the same here
         first = (str(e).splitlines() or [type(e).__name__])[0][:160]
         msg = f"cannot open Census version '{version}' (offline, or unknown version?): {first}"
         raise CensusScviError(
             msg, hint="set census.uri to a local SOMA census (e.g. --set census.uri=PATH)"
         ) from None
+
+
+class _TimedRequests:
+    """``requests`` as cellxgene_census's release directory sees it, with a timeout on ``get``.
+
+    cellxgene_census 1.18 calls ``requests.get(...)`` without a timeout, so a network that
+    accepts but never answers hangs ``open_soma(census_version=...)`` forever.
+    """
+
+    def __init__(self, requests: Any, timeout_s: float) -> None:
+        self._requests, self._timeout = requests, timeout_s
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("timeout", self._timeout)
+        return self._requests.get(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._requests, name)
+
+
+@contextlib.contextmanager
+def _http_timeout(timeout_s: float) -> Iterator[None]:
+    from cellxgene_census import _release_directory as rd
+
+    real = rd.requests
+    rd.requests = _TimedRequests(real, timeout_s)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        rd.requests = real
 
 
 def get_experiment(census: soma.Collection, organism: str) -> soma.Experiment:
