@@ -378,7 +378,11 @@ def highly_variable_genes(
 
     def read_chunks(p: int) -> Iterator[tuple[Any, Any, Any]]:
         it = iter_x_chunks(X, obs_joinids, chunks)
-        for c in track(it, description=f"HVG pass {p}/2", total=len(chunks)):
+        cells = len(obs_joinids)
+        progress = track(
+            it, description=f"HVG pass {p}/2", total=cells, weight=_n_rows, unit="cells"
+        )
+        for c in progress:
             yield batch[c.rows], var_lut[c.cols], c.data
 
     stats = seurat_v3_from_chunks(
@@ -472,7 +476,11 @@ def write_model_anndata(
 
     def blocks() -> Iterator[tuple[Any, Any, Any]]:
         it = iter_x_chunks(X, obs_joinids, chunks, var_joinids=gene_ids)
-        for c in track(it, description="writing anndata", total=len(chunks)):
+        cells = len(obs_joinids)
+        progress = track(
+            it, description="writing anndata", total=cells, weight=_n_rows, unit="cells"
+        )
+        for c in progress:
             m = sp.csr_matrix(
                 (c.data, (c.rows - c.row_start, lut[c.cols])), shape=(c.n_rows, n_hvg)
             )
@@ -503,6 +511,10 @@ def write_model_anndata(
 # ----------------------------------------------------------------------------------------------
 # the stage
 # ----------------------------------------------------------------------------------------------
+def _n_rows(chunk: Any) -> int:
+    return int(chunk.n_rows)
+
+
 def _expected_outputs(config: Config, pdir: Path) -> dict[str, Path]:
     out = {"hvg": pdir / HVG_FILE, "cells": pdir / CELLS_FILE}
     if config.train.mode == "memory":
