@@ -133,10 +133,11 @@ def loaders_only(a: dict) -> dict:
         loader = splitter.train_dataloader()
     else:
         from census_scvi.config import load_config
-        from census_scvi.train._stage import _build_model, _stream_inputs
+        from census_scvi.train._inputs import stream_inputs
+        from census_scvi.train._model import build_model
 
         cfg = load_config(None, overrides=[*_overrides(a), "train.mode=stream"])
-        _, dm, _ = _build_model(cfg, _stream_inputs(cfg, run / "prepare"))
+        _, dm, _ = build_model(cfg, stream_inputs(cfg, run / "prepare"))
         dm.setup()
         loader = dm.train_dataloader()
     for _ in zip(range(2), loader, strict=False):  # warm-up (numba compilation)

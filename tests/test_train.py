@@ -169,6 +169,19 @@ def test_gene_order_mismatch_fails_before_training(prepared, tmp_path, mini_cens
         run_train(_cfg(mini_census), run_dir=run)
 
 
+def test_worker_rank_writes_no_config_or_run_state(
+    prepared, tmp_path, mini_census, no_training, monkeypatch
+):
+    # a process a launcher started as another rank trains, but leaves the bookkeeping to rank 0
+    run = _run_dir(prepared, tmp_path)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(AssertionError, match="training started"):
+        run_train(_cfg(mini_census), run_dir=run)
+    assert not (run / "config.yaml").exists()
+    assert not (run / "train/checkpoints/run.json").exists()
+    assert not (run / "train/manifest.json").exists()
+
+
 def test_early_stopping_without_validation_is_refused(prepared, tmp_path, mini_census):
     cfg = _cfg(mini_census, "train.early_stopping=true", "train.train_size=1.0")
     with pytest.raises(CensusScviError, match="train_size"):
@@ -240,7 +253,14 @@ def test_oracle_same_result_as_scvi_tools_directly(prepared, tmp_path, mini_cens
     # another config retrains (as prepare redoes itself), replacing the model
     changed = run_train(_cfg(mini_census, "model.n_latent=4", "train.max_epochs=1"), run_dir=run)
     assert not changed.skipped and changed.epochs == 1
-    assert json.loads((run / "train/manifest.json").read_text())["config"]["model"]["n_latent"] == 4
+    manifest = json.loads((run / "train/manifest.json").read_text())
+    assert manifest["config"]["model"]["n_latent"] == 4
+    assert set(manifest["outputs"]) == {"model", "history", "loss_curve", "checkpoint"}
+    assert manifest["files"]["train/scvi.model"] > 0  # run_stage's output sizes
+    # a model that went missing is retrained, not skipped
+    shutil.rmtree(run / "train/scvi.model")
+    redone = run_train(_cfg(mini_census, "model.n_latent=4", "train.max_epochs=1"), run_dir=run)
+    assert not redone.skipped and (run / "train/scvi.model/model.pt").is_file()
 
 
 @pytest.mark.slow

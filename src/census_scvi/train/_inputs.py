@@ -1,0 +1,269 @@
+"""What the train stage reads from ``prepare/``, checked against the config before any training.
+
+``train.mode: memory`` reads ``prepare/anndata_model.h5ad`` (its genes, batch labels and cells
+must be what ``hvg.parquet`` / ``cells.parquet`` and the config say); ``train.mode: stream``
+reads ``prepare/cells.parquet`` + ``prepare/hvg.parquet`` and checks them against the census it
+will stream from. A mismatch is an error naming ``census-scvi prepare --force``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import numpy as np
+
+from census_scvi.batches import batch_labels
+from census_scvi.constants import BATCH_KEY, FEATURE_ID, HVG_FILE, MEASUREMENT, SOMA_JOINID, X_RAW
+from census_scvi.errors import CensusScviError
+from census_scvi.rundir import file_hash
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from census_scvi.config import Config
+
+__all__ = [
+    "CELLS_FILE",
+    "TrainInputs",
+    "memory_inputs",
+    "read_hvgs",
+    "read_inputs",
+    "stream_inputs",
+]
+
+logger = logging.getLogger(__name__)
+
+CELLS_FILE = "cells.parquet"
+
+
+@dataclass
+class TrainInputs:
+    """The prepared data a run trains on, and the hashes that identify it in the manifest."""
+
+    mode: str
+    gene_ids: list[str]
+    var_joinids: np.ndarray
+    categories: list[str]
+    hashes: dict[str, str]
+    adata_path: Path | None = None
+    cell_joinids: np.ndarray | None = None
+    cell_codes: np.ndarray | None = None
+    experiment_uri: str | None = None
+    # the census context's TileDB settings (S3 region, unsigned requests for the public
+    # census): the stream reader opens the experiment again, in each DataLoader worker
+    tiledb_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.gene_ids)
+
+
+def read_inputs(config: Config, prepare_dir: Path) -> TrainInputs:
+    """The inputs of ``config.train.mode``, checked (see the module docstring)."""
+    if config.train.mode == "memory":
+        return memory_inputs(config, prepare_dir)
+    return stream_inputs(config, prepare_dir)
+
+
+def _rerun_prepare(what: str) -> NoReturn:
+    raise CensusScviError(what, hint="rerun 'census-scvi prepare --force' with this config")
+
+
+def _check_batch(obs: pd.DataFrame, batch: np.ndarray, config: Config, where: str) -> None:
+    """The prepared batch labels are ``anndata.batch_key`` joined by its separator."""
+    keys = list(config.anndata.batch_key)
+    missing = [k for k in keys if k not in obs.columns]
+    if missing:
+        logger.debug("%s lacks batch_key columns %s; batch labels not re-derived", where, missing)
+        return
+    expected = np.asarray(batch_labels(obs, keys, config.anndata.batch_key_separator), dtype=object)
+    bad = np.flatnonzero(expected != np.asarray(batch, dtype=object))
+    if len(bad):
+        i = int(bad[0])
+        msg = (
+            f"{where}: batch label {batch[i]!r} of cell {i} is not anndata.batch_key {keys} joined "
+            f"by {config.anndata.batch_key_separator!r} ({expected[i]!r}); {len(bad)} cells differ"
+        )
+        _rerun_prepare(msg)
+
+
+def read_hvgs(config: Config, prepare_dir: Path) -> tuple[list[str], np.ndarray]:
+    """The model's genes: feature ids and var soma_joinids of the HVGs, in soma_joinid order."""
+    import pandas as pd
+
+    path = prepare_dir / HVG_FILE
+    if not path.is_file():
+        msg = f"prepared gene table not found: {path}"
+        raise CensusScviError(msg, hint="run 'census-scvi prepare' first")
+    hvg = pd.read_parquet(path)
+    need = {SOMA_JOINID, FEATURE_ID, "highly_variable"}
+    if not need <= set(hvg.columns):
+        _rerun_prepare(f"{path} lacks columns {sorted(need - set(hvg.columns))}")
+    sel = hvg[hvg["highly_variable"].astype(bool)].sort_values(SOMA_JOINID)
+    n, top = len(sel), config.hvg.top_n_hvg
+    if n != top and n != len(hvg):
+        _rerun_prepare(f"{path} marks {n} genes highly variable but hvg.top_n_hvg is {top}")
+    if n == 0:
+        _rerun_prepare(f"{path} marks no gene highly variable")
+    return sel[FEATURE_ID].astype(str).tolist(), sel[SOMA_JOINID].to_numpy(dtype=np.int64)
+
+
+def _sorted_categories(values: np.ndarray) -> list[str]:
+    return sorted({str(v) for v in values})
+
+
+# ------------------------------------------------------------------------------------------
+# memory mode
+# ------------------------------------------------------------------------------------------
+def memory_inputs(config: Config, prepare_dir: Path) -> TrainInputs:
+    """``prepare/anndata_model.h5ad``: HVG columns in order, batch labels, cells of cells.parquet."""
+    gene_ids, var_joinids = read_hvgs(config, prepare_dir)
+    path = prepare_dir / config.anndata.model_filename
+    if not path.is_file():
+        msg = f"prepared training data not found: {path}"
+        raise CensusScviError(
+            msg, hint="run 'census-scvi prepare' first (or set train.mode: stream)"
+        )
+    var_names, obs = _h5ad_var_names_and_obs(path)
+    _check_genes(var_names, gene_ids, path)
+    if BATCH_KEY not in obs.columns:
+        _rerun_prepare(f"{path} has no obs column '{BATCH_KEY}'")
+    batch = obs[BATCH_KEY].astype(str).to_numpy(dtype=object)
+    if obs[BATCH_KEY].isna().any():
+        _rerun_prepare(f"{path}: obs '{BATCH_KEY}' has missing values")
+    _check_batch(obs, batch, config, str(path))
+    _check_cells(obs, path, prepare_dir / CELLS_FILE)
+    return TrainInputs(
+        mode="memory",
+        gene_ids=gene_ids,
+        var_joinids=var_joinids,
+        categories=_sorted_categories(batch),
+        hashes={
+            "anndata": file_hash(path, max_bytes=1 << 28),
+            "hvg": file_hash(prepare_dir / HVG_FILE),
+        },
+        adata_path=path,
+    )
+
+
+def _h5ad_var_names_and_obs(path: Path) -> tuple[list[str], pd.DataFrame]:
+    """var_names and obs of an h5ad, without reading X."""
+    import anndata
+
+    backed = anndata.read_h5ad(path, backed="r")
+    try:
+        return backed.var_names.astype(str).tolist(), backed.obs.copy()
+    finally:
+        backed.file.close()
+
+
+def _check_genes(var_names: list[str], gene_ids: list[str], path: Path) -> None:
+    if var_names == gene_ids:
+        return
+    extra = len(set(var_names) - set(gene_ids))
+    lack = len(set(gene_ids) - set(var_names))
+    order = " in another order" if not extra and not lack else ""
+    msg = (
+        f"{path} has {len(var_names)} genes{order} but prepare/hvg.parquet selects "
+        f"{len(gene_ids)} ({extra} extra, {lack} missing); the model's genes are the HVGs "
+        "in soma_joinid order"
+    )
+    _rerun_prepare(msg)
+
+
+def _check_cells(obs: pd.DataFrame, path: Path, cells_path: Path) -> None:
+    """The h5ad's cells are cells.parquet's, in its order (when both say)."""
+    import pandas as pd
+
+    if not cells_path.is_file() or SOMA_JOINID not in obs.columns:
+        return
+    cells = pd.read_parquet(cells_path, columns=[SOMA_JOINID])
+    if not np.array_equal(
+        cells[SOMA_JOINID].to_numpy(np.int64), obs[SOMA_JOINID].to_numpy(np.int64)
+    ):
+        _rerun_prepare(f"{path} cells differ from {cells_path}")
+
+
+# ------------------------------------------------------------------------------------------
+# stream mode
+# ------------------------------------------------------------------------------------------
+def stream_inputs(config: Config, prepare_dir: Path) -> TrainInputs:
+    """``prepare/cells.parquet`` + ``hvg.parquet``, checked against the census streamed from."""
+    import pandas as pd
+
+    from census_scvi.soma import census_fingerprint, get_experiment, open_census
+
+    gene_ids, var_joinids = read_hvgs(config, prepare_dir)
+    cells_path = prepare_dir / CELLS_FILE
+    if not cells_path.is_file():
+        msg = f"prepared cell table not found: {cells_path}"
+        raise CensusScviError(msg, hint="run 'census-scvi prepare' first")
+    cells = pd.read_parquet(cells_path, columns=[SOMA_JOINID, BATCH_KEY])
+    joinids = cells[SOMA_JOINID].to_numpy(dtype=np.int64)
+    batch = cells[BATCH_KEY].astype(str).to_numpy(dtype=object)
+    if len(joinids) == 0:
+        _rerun_prepare(f"{cells_path} lists no cells")
+    with open_census(config) as census:
+        exp = get_experiment(census, config.census.organism)
+        uri = exp.uri
+        tiledb_config = dict(exp.context.tiledb_config)
+        _check_census_genes(exp, var_joinids, gene_ids)
+        obs = _census_obs(exp, joinids, list(config.anndata.batch_key))
+    if obs.isna().all(axis=1).any():
+        _rerun_prepare(f"{cells_path} lists cells that are not in the census obs")
+    _check_batch(obs.reset_index(drop=True), batch, config, str(cells_path))
+    categories = _sorted_categories(batch)
+    codes = np.searchsorted(np.asarray(categories, dtype=object), batch).astype(np.int32)
+    return TrainInputs(
+        mode="stream",
+        gene_ids=gene_ids,
+        var_joinids=var_joinids,
+        categories=categories,
+        hashes={
+            "cells": file_hash(cells_path),
+            "hvg": file_hash(prepare_dir / HVG_FILE),
+            "census": census_fingerprint(config),
+        },
+        cell_joinids=joinids,
+        cell_codes=codes,
+        experiment_uri=uri,
+        tiledb_config=tiledb_config,
+    )
+
+
+def _check_census_genes(exp: Any, var_joinids: np.ndarray, gene_ids: list[str]) -> None:
+    """The census has the raw-count layer and the HVGs at their prepared soma_joinids."""
+    ms = exp.ms[MEASUREMENT]
+    if X_RAW not in ms.X:
+        msg = f"census experiment {exp.uri} has no X layer '{X_RAW}'"
+        raise CensusScviError(msg, hint="train.mode: stream reads raw counts from the census")
+    var = (
+        ms.var.read(coords=(var_joinids,), column_names=[SOMA_JOINID, FEATURE_ID])
+        .concat()
+        .to_pandas()
+        .set_index(SOMA_JOINID)
+        .reindex(var_joinids)
+    )
+    if var[FEATURE_ID].astype(str).tolist() != gene_ids:
+        msg = f"prepare/hvg.parquet genes do not match the census var table of {exp.uri}"
+        raise CensusScviError(msg, hint="check census.uri, then rerun prepare --force")
+
+
+def _census_obs(exp: Any, joinids: np.ndarray, keys: list[str]) -> pd.DataFrame:
+    """The batch_key columns of the training cells, in cells.parquet order."""
+    import tiledbsoma as soma
+
+    try:
+        return (
+            exp.obs.read(coords=(np.sort(joinids),), column_names=[SOMA_JOINID, *keys])
+            .concat()
+            .to_pandas()
+            .set_index(SOMA_JOINID)
+            .reindex(joinids)
+        )
+    except (soma.SOMAError, ValueError, KeyError) as e:
+        msg = f"cannot read obs columns {keys} of the training cells from {exp.uri}: {e}"
+        raise CensusScviError(msg) from None
