@@ -166,6 +166,38 @@ def test_small_chunks_give_identical_artifacts(census, tmp_path):
     assert (ha.X != hb.X).nnz == 0 and ha.obs_names.equals(hb.obs_names)
 
 
+def test_hvg_split_across_processes_equals_one_process(census, tmp_path, caplog):
+    """Per-process partial sums, merged in order: the same HVGs as a single process."""
+    uri, _ = census
+    small = "hvg.chunk_nnz=10000"  # several chunks, so each process gets its own group
+    one = run_prepare(_cfg(uri, small, "train.mode=stream"), run_dir=tmp_path / "one")
+    with caplog.at_level("INFO"):
+        three = run_prepare(
+            _cfg(uri, small, "train.mode=stream", "hvg.processes=2"), run_dir=tmp_path / "three"
+        )
+    assert "HVG pass 2/2: 2 of 2 process groups done" in caplog.text
+    a = pd.read_parquet(tmp_path / "one" / "prepare" / "hvg.parquet")
+    b = pd.read_parquet(tmp_path / "three" / "prepare" / "hvg.parquet")
+    # pass 1 sums integer counts: exact; pass 2 sums clipped values: float64 rounding only
+    for col in ("means", "variances"):
+        np.testing.assert_array_equal(a[col].to_numpy(), b[col].to_numpy())
+    np.testing.assert_allclose(a["variances_norm"], b["variances_norm"], rtol=1e-12)
+    for col in ("highly_variable", "rank", "highly_variable_nbatches"):
+        np.testing.assert_array_equal(a[col].to_numpy(), b[col].to_numpy())
+    assert one.n_hvg == three.n_hvg == 60
+
+
+def test_split_chunks_covers_every_chunk_in_order():
+    from census_scvi.prepare._parallel import split_chunks
+
+    chunks = [slice(0, 10), slice(10, 15), slice(15, 40), slice(40, 41), slice(41, 60)]
+    for parts in (1, 2, 3, 5, 8):
+        groups = split_chunks(chunks, parts)
+        assert [c for g in groups for c in g] == chunks
+        assert 1 <= len(groups) <= min(parts, len(chunks)) and all(groups)
+    assert split_chunks([], 4) == []
+
+
 def test_skip_force_and_change_detection(census, tmp_path, caplog):
     uri, _ = census
     first = run_prepare(_cfg(uri), run_dir=tmp_path)

@@ -192,6 +192,12 @@ class HvgConfig(_Section):
         description="stored values read from X per chunk in every prepare pass; peak memory "
         "is about 100 bytes x chunk_nnz plus per-cell obs, whatever the number of cells",
     )
+    processes: int = Field(
+        1,
+        ge=1,
+        description="processes that split each HVG pass (partial sums merged in order; the "
+        "same HVGs as one process); each holds one chunk, so memory grows with it",
+    )
     read_buffer_bytes: int = Field(
         128 * 1024**2,
         ge=1024**2,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -25,14 +26,19 @@ import pandas as pd
 
 from census_scvi.errors import CensusScviError
 
-__all__ = ["Chunk", "seurat_v3_from_chunks"]
+__all__ = ["Chunk", "PassSums", "moment_sums", "seurat_v3_from_chunks"]
 
 logger = logging.getLogger(__name__)
 
 Chunk = tuple[npt.NDArray[np.integer], npt.NDArray[np.integer], npt.NDArray[np.floating]]
+#: ``pass_sums(pass_number, clip_val)`` -> per batch and gene (sum, sum of squares).
+PassSums = Callable[
+    [int, "npt.NDArray[np.float64] | None"],
+    tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]],
+]
 
 
-def _sums(
+def moment_sums(
     chunks: Iterable[Chunk], n_batches: int, n_genes: int, clip_val: npt.NDArray[np.float64] | None
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Per batch and gene: sum and sum of squares of the values (clipped when ``clip_val``)."""
@@ -121,6 +127,7 @@ def seurat_v3_from_chunks(
     batch_names: Sequence[str] | None = None,
     span: float = 0.3,
     max_loess_jitter: float = 1e-6,
+    pass_sums: PassSums | None = None,
 ) -> pd.DataFrame:
     """Seurat v3 HVG statistics from two streamed passes over the counts.
 
@@ -141,6 +148,9 @@ def seurat_v3_from_chunks(
         LOESS span (fraction of genes in each local fit), as in scanpy.
     max_loess_jitter
         Largest jitter tried when the LOESS fit fails.
+    pass_sums
+        Computes a pass's sums some other way (e.g. split across processes,
+        :mod:`census_scvi.prepare._parallel`); default: :func:`moment_sums` over ``read_chunks``.
 
     Returns
     -------
@@ -164,8 +174,13 @@ def seurat_v3_from_chunks(
         msg = "no cells to select highly variable genes from"
         raise CensusScviError(msg)
 
+    if pass_sums is None:
+
+        def pass_sums(p: int, clip: npt.NDArray[np.float64] | None) -> tuple[Any, Any]:
+            return moment_sums(read_chunks(p), n_batches, n_genes, clip)
+
     # pass 1: per-batch moments
-    s1, s2 = _sums(read_chunks(1), n_batches, n_genes, None)
+    s1, s2 = pass_sums(1, None)
     b_mean, b_var = _mean_var(s1, s2, counts)
     all_mean, all_var = _mean_var(s1.sum(axis=0), s2.sum(axis=0), int(counts.sum()))
     del s1, s2
@@ -203,7 +218,7 @@ def seurat_v3_from_chunks(
         raise CensusScviError(msg, hint="select more cells or change hvg.hvg_batch")
 
     # pass 2: sums of clipped values
-    c1, c2 = _sums(read_chunks(2), n_batches, n_genes, clip_val)
+    c1, c2 = pass_sums(2, clip_val)
     nb = counts.astype(np.float64).reshape(-1, 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         norm_var = (1 / ((nb - 1) * np.square(reg_std))) * (

@@ -48,6 +48,7 @@ from census_scvi.constants import (
     X_RAW,
 )
 from census_scvi.errors import CensusScviError
+from census_scvi.prepare._parallel import ExperimentOpener, parallel_pass_sums
 from census_scvi.progress import track
 from census_scvi.rundir import atomic_path, peak_rss_bytes, run_stage
 from census_scvi.soma import census_fingerprint
@@ -325,6 +326,8 @@ def highly_variable_genes(
     max_loess_jitter: float = 1e-6,
     chunks: Sequence[slice] | None = None,
     chunk_nnz: int = 4_000_000,
+    processes: int = 1,
+    opener: ExperimentOpener | None = None,
 ) -> pd.DataFrame:
     """Seurat v3 highly variable genes over the selected cells, streamed from ``X['raw']``.
 
@@ -349,6 +352,11 @@ def highly_variable_genes(
         Slices of ``obs_joinids`` to read at a time (default: about ``chunk_nnz`` values each).
     chunk_nnz
         Stored values per chunk when ``chunks`` is None.
+    processes
+        Split each pass across this many processes (each opens the census with ``opener``);
+        partial sums merged in order (:mod:`census_scvi.prepare._parallel`).
+    opener
+        How a worker process opens the experiment (required when ``processes > 1``).
 
     Returns
     -------
@@ -385,8 +393,22 @@ def highly_variable_genes(
         for c in progress:
             yield batch[c.rows], var_lut[c.cols], c.data
 
+    pass_sums = None
+    if processes > 1 and len(chunks) > 1:
+        if opener is None:
+            msg = "highly_variable_genes(processes > 1) needs an opener for the worker processes"
+            raise CensusScviError(msg)
+
+        def pass_sums(p: int, clip: Any) -> Any:
+            return parallel_pass_sums(
+                opener, obs_joinids=obs_joinids, batch=batch, var_lut=var_lut, chunks=chunks,
+                n_batches=len(batch_names), n_genes=n_genes, processes=processes, clip=clip,
+                description=f"HVG pass {p}/2",
+            )  # fmt: skip
+
     stats = seurat_v3_from_chunks(
         read_chunks,
+        pass_sums=pass_sums,
         n_cells=np.bincount(batch, minlength=len(batch_names)),
         n_genes=n_genes,
         n_top_genes=n_top_genes,
@@ -609,6 +631,8 @@ def _prepare(config: Config, *, run_dir: Path, outputs: dict[str, Path]) -> Prep
             span=hv.span,
             max_loess_jitter=hv.max_loess_jitter,
             chunks=chunks,
+            processes=hv.processes,
+            opener=ExperimentOpener(config, tiledb_read_config(hv.read_buffer_bytes)),
         )
         with atomic_path(outputs["hvg"]) as tmp:
             hvg.to_parquet(tmp, index=False)
