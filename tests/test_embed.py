@@ -191,6 +191,8 @@ def test_soma_embedding_and_manifest(embedded):
     manifest = json.loads((run_dir / "embed" / MANIFEST_FILE).read_text())
     fig = manifest["figures"]
     assert manifest["stage"] == "embed"
+    assert set(manifest["inputs"]) == {"model", "census"}  # the census: soma.census_fingerprint
+    assert manifest["outputs"][LATENT_FILE] == f"embed/{LATENT_FILE}"
     assert fig["n_cells"] == 3000 and fig["n_chunks"] == 8 and fig["chunk_size"] == 400
     assert fig["cells_per_s"] > 0 and fig["peak_rss_bytes"] > 0 and fig["wall_seconds"] > 0
     progress = json.loads((run_dir / "embed" / PROGRESS_FILE).read_text())
@@ -369,6 +371,32 @@ def test_merge_refuses_missing_chunks(mini_census, model_run, tmp_path):
     assert not res.complete and res.chunks_run == 3 and "--merge" in res.summary()
     with pytest.raises(CensusScviError, match="5 of 8 chunks are not embedded"):
         run_embed(cfg, run_dir=run_dir, merge=True)
+
+
+@pytest.mark.slow
+def test_resume_with_other_execution_settings_keeps_finished_chunks(
+    mini_census, model_run, embedded, tmp_path
+):
+    """embed.batch_size / io_block_size / accelerator change how fast rows are computed, not
+    their values: a resume with other values keeps the chunks done; the finished run is then
+    recorded under its own config (the manifest hashes the embed section as it is)."""
+    from census_scvi.soma import census_fingerprint
+
+    run_dir = tmp_path / "resumed"
+    copy_model(model_run, run_dir)
+    cfg = embed_config(mini_census)
+    assert run_embed(cfg, run_dir=run_dir, shard=(1, 2)).chunks_run == 4
+    other = embed_config(mini_census, "embed.batch_size=64", "embed.io_block_size=100")
+    res = run_embed(other, run_dir=run_dir)
+    assert res.complete and res.chunks_run == 4  # the other half only
+    ref, got = outputs(embedded[0]), outputs(run_dir)
+    for name in (LATENT_FILE, LATENT_VAR_FILE, LATENT_IDX_FILE):
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-6, atol=1e-7)
+    manifest = json.loads((run_dir / "embed" / MANIFEST_FILE).read_text())
+    assert manifest["inputs"]["census"] == census_fingerprint(other)
+    assert run_embed(other, run_dir=run_dir).skipped
+    again = run_embed(cfg, run_dir=run_dir)  # another config: redone, but no chunk recomputed
+    assert not again.skipped and again.complete and again.chunks_run == 0
 
 
 @pytest.mark.slow

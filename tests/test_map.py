@@ -214,11 +214,9 @@ def test_refuses_low_overlap_naming_numbers_and_cause(mapped, reference, tmp_pat
     assert not (tmp_path / "o.h5ad").exists()
     # half the model genes: a warning, and the mapping goes on
     model_genes = ad.read_h5ad(query).var_names  # all census genes; the model uses 500 of them
-    from census_scvi.scvi_model import model_registry
+    from census_scvi.scvi_model import model_var_names
 
-    genes = model_registry(reference / "train" / "scvi.model")["field_registries"]["X"][
-        "state_registry"
-    ]["column_names"]
+    genes = model_var_names(reference / "train" / "scvi.model")
     half = q[:, ~model_genes.isin(list(genes)[:250])].copy()
     with caplog.at_level(logging.WARNING, logger="census_scvi"):
         res = run_map(
@@ -286,13 +284,9 @@ def test_real_pbmc_maps_onto_sorted_pbmc_reference(shared_file, tmp_path):
     res = run_map(pbmc, run_dir=run_dir, out=out, gene_ids="gene_ids")
 
     # overlap oracle: the model's genes vs the query's non-missing gene_ids
-    from census_scvi.scvi_model import model_registry
+    from census_scvi.scvi_model import model_var_names
 
-    genes = pd.Index(
-        model_registry(run_dir / "train" / "scvi.model")["field_registries"]["X"]["state_registry"][
-            "column_names"
-        ]
-    )
+    genes = model_var_names(run_dir / "train" / "scvi.model")
     q = ad.read_h5ad(pbmc)
     ids = q.var["gene_ids"]
     in_model = ids.notna().to_numpy() & ids.isin(genes).to_numpy()

@@ -1,5 +1,6 @@
-"""The embed stage's model side: load the trained encoder, run it on count chunks, save the
-minified query model.
+"""Every touch of scvi-tools internals: read a saved model, load the encoder, run it on count
+chunks, save the minified query model. The registry (genes, batch categories) is read here only
+(:func:`model_info`).
 
 The encoder pass calls the scvi-tools module exactly as ``SCVI.get_latent_representation(
 return_dist=True)`` does (``module.inference(**module._get_inference_input(tensors))``, posterior
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +30,15 @@ if TYPE_CHECKING:
     import scipy.sparse as sp
 
 __all__ = [
+    "MODEL_FILE",
     "EncoderModel",
+    "ModelInfo",
     "batch_indices",
     "encode_csr",
     "load_encoder",
+    "load_model",
+    "model_file",
+    "model_info",
     "model_registry",
     "model_var_names",
     "quiet_scvi",
@@ -39,7 +47,92 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: The file of an scvi-tools save folder that holds the weights and the registry.
+MODEL_FILE = "model.pt"
 
+
+# ----------------------------------------------------------------------------------------------
+# the saved model
+# ----------------------------------------------------------------------------------------------
+def model_file(model_dir: str | os.PathLike[str]) -> Path:
+    """``<model_dir>/model.pt``, the file scvi-tools' ``SCVI.save`` writes."""
+    return Path(model_dir) / MODEL_FILE
+
+
+def _read_model(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """What scvi-tools saved in ``model.pt`` (its registry under ``attr_dict``)."""
+    import scvi
+
+    with quiet_scvi():
+        registry = scvi.model.SCVI.load_registry(str(model_dir))
+    return {"attr_dict": {"registry_": registry}}
+
+
+@contextlib.contextmanager
+def _verified_model(model_dir: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """The saved registry, for the block that loads the model with scvi-tools."""
+    yield _read_model(model_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# the registry
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a saved model's registry says: genes (feature_ids, model order), the obs column it
+    was registered on (``setup_anndata(batch_key=...)``), the training batches in code order, and
+    the whole registry (as ``SCVI.load_registry`` returns it)."""
+
+    var_names: npt.NDArray[np.object_]
+    batch_key: str
+    batch_categories: npt.NDArray[np.object_]
+    registry: dict[str, Any]
+
+
+def _checked_registry(model_dir: str | os.PathLike[str], saved: dict[str, Any]) -> dict[str, Any]:
+    registry: dict[str, Any] = saved["attr_dict"]["registry_"]
+    if registry.get("model_name", "SCVI") != "SCVI":
+        msg = f"the model at {model_dir} is a {registry.get('model_name')}, not an SCVI model"
+        raise CensusScviError(msg)
+    setup = registry.get("setup_args", {})
+    extra = [k for k in ("categorical_covariate_keys", "continuous_covariate_keys") if setup.get(k)]
+    if extra:
+        msg = f"the model at {model_dir} uses covariates ({', '.join(extra)}), which embed cannot supply"
+        raise CensusScviError(msg, hint="train with census-scvi (batch covariate only)")
+    return registry
+
+
+def _info(registry: dict[str, Any]) -> ModelInfo:
+    fields = registry["field_registries"]
+    batch_state = fields.get("batch", {}).get("state_registry", {})
+    return ModelInfo(
+        var_names=np.asarray(fields["X"]["state_registry"]["column_names"], dtype=object),
+        batch_key=str(registry.get("setup_args", {}).get("batch_key") or BATCH_KEY),
+        batch_categories=np.asarray(batch_state.get("categorical_mapping", ["0"]), dtype=object),
+        registry=registry,
+    )
+
+
+def model_registry(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The registry of a saved SCVI model (refused when not SCVI or with other covariates)."""
+    return _checked_registry(model_dir, _read_model(model_dir))
+
+
+def model_info(model_dir: str | os.PathLike[str]) -> ModelInfo:
+    """Genes, batch key and batch categories of a saved SCVI model (read safely)."""
+    return _info(model_registry(model_dir))
+
+
+def model_var_names(path: str | os.PathLike[str]) -> pd.Index:
+    """The genes (feature_ids, in model order) a saved scvi-tools model was trained on."""
+    import pandas as pd
+
+    return pd.Index(model_info(path).var_names)
+
+
+# ----------------------------------------------------------------------------------------------
+# loading and encoding
+# ----------------------------------------------------------------------------------------------
 @dataclass
 class EncoderModel:
     """A trained SCVI model ready for encoder passes."""
@@ -69,23 +162,16 @@ def quiet_scvi() -> Iterator[None]:
         scvi.settings.verbosity = before
 
 
-def model_registry(model_dir: Path) -> dict[str, Any]:
+def load_model(model_dir: str | os.PathLike[str], *, accelerator: str = "cpu") -> Any:
+    """``scvi.model.SCVI.load(model_dir, adata=False)``, from the verified ``model.pt``.
+
+    For what the model holds besides the data (``history``, ``registry_``, settings).
+    """
     import scvi
 
-    if not (model_dir / "model.pt").is_file():
-        msg = f"no trained model at {model_dir} (model.pt missing)"
-        raise CensusScviError(msg, hint="run 'census-scvi train' first (or check model.filename)")
-    with quiet_scvi():
-        registry: dict[str, Any] = scvi.model.SCVI.load_registry(str(model_dir))
-    if registry.get("model_name", "SCVI") != "SCVI":
-        msg = f"the model at {model_dir} is a {registry.get('model_name')}, not an SCVI model"
-        raise CensusScviError(msg)
-    setup = registry.get("setup_args", {})
-    extra = [k for k in ("categorical_covariate_keys", "continuous_covariate_keys") if setup.get(k)]
-    if extra:
-        msg = f"the model at {model_dir} uses covariates ({', '.join(extra)}), which embed cannot supply"
-        raise CensusScviError(msg, hint="train with census-scvi (batch covariate only)")
-    return registry
+    with _verified_model(model_dir) as saved, quiet_scvi():
+        _checked_registry(model_dir, saved)
+        return scvi.model.SCVI.load(str(model_dir), adata=False, accelerator=accelerator)
 
 
 def load_encoder(model_dir: str | Path, *, accelerator: str = "auto") -> EncoderModel:
@@ -102,6 +188,11 @@ def load_encoder(model_dir: str | Path, *, accelerator: str = "auto") -> Encoder
     -------
     The model in eval mode, its genes (``var_names``, in model order), batch registry and whether
     its encoder sees the batch (``encode_covariates``).
+
+    Raises
+    ------
+    CensusScviError
+        When ``model.pt`` holds anything but a model's data (see :func:`verify_torch_file`).
     """
     import anndata as ad
     import pandas as pd
@@ -109,34 +200,31 @@ def load_encoder(model_dir: str | Path, *, accelerator: str = "auto") -> Encoder
     import scvi
 
     model_dir = Path(model_dir)
-    registry = model_registry(model_dir)
-    fields = registry["field_registries"]
-    var_names = np.asarray(fields["X"]["state_registry"]["column_names"], dtype=object)
-    batch_state = fields.get("batch", {}).get("state_registry", {})
-    categories = np.asarray(batch_state.get("categorical_mapping", ["0"]), dtype=object)
-    batch_key = batch_state.get("original_key") or BATCH_KEY
-
-    # A one-cell stand-in AnnData lets SCVI.load rebuild the module from the registry (its batch
-    # value is a known category; the encoder never sees it when encode_covariates is false). It
-    # holds one count: SCVI.load takes an all-zero X for a minified AnnData.
-    stub_x = sp.csr_matrix(
-        (np.ones(1, dtype=np.float32), ([0], [0])), shape=(1, len(var_names)), dtype=np.float32
-    )
-    stub = ad.AnnData(
-        X=stub_x,
-        obs=pd.DataFrame({batch_key: pd.Categorical([categories[0]])}, index=["0"]),
-        var=pd.DataFrame(index=pd.Index(var_names.astype(str))),
-    )
-    with quiet_scvi():
-        model = scvi.model.SCVI.load(str(model_dir), adata=stub, accelerator=accelerator)
+    with _verified_model(model_dir) as saved:
+        info = _info(_checked_registry(model_dir, saved))
+        # A one-cell stand-in AnnData lets SCVI.load rebuild the module from the registry (its
+        # batch value is a known category; the encoder never sees it when encode_covariates is
+        # false). It holds one count: SCVI.load takes an all-zero X for a minified AnnData.
+        n_genes = len(info.var_names)
+        stub = ad.AnnData(
+            X=sp.csr_matrix((np.ones(1, dtype=np.float32), ([0], [0])), shape=(1, n_genes)),
+            obs=pd.DataFrame(
+                {info.batch_key: pd.Categorical([info.batch_categories[0]])}, index=["0"]
+            ),
+            var=pd.DataFrame(index=pd.Index(info.var_names.astype(str))),
+        )
+        with quiet_scvi(), warnings.catch_warnings():
+            # scvi-tools warns that the stand-in's one cell is fewer than 3 per category
+            warnings.filterwarnings("ignore", message=".*fewer than 3 cells.*")
+            model = scvi.model.SCVI.load(str(model_dir), adata=stub, accelerator=accelerator)
     model.module.eval()
     encodes_batch = bool(getattr(model.module, "encode_covariates", False))
     n_latent = int(getattr(model.module, "n_latent", model.init_params_["non_kwargs"]["n_latent"]))
     return EncoderModel(
         model=model,
-        var_names=var_names,
-        batch_key=str(batch_key),
-        batch_categories=categories,
+        var_names=info.var_names,
+        batch_key=info.batch_key,
+        batch_categories=info.batch_categories,
         encodes_batch=encodes_batch,
         n_latent=n_latent,
     )
@@ -225,8 +313,7 @@ def save_minified_model(
     out_dir: str | Path,
     *,
     obs: pd.DataFrame,
-    var_names: npt.NDArray[np.object_],
-    batch_key: str,
+    batch_labels: npt.NDArray[np.object_],
     qz_mean: npt.NDArray[np.float32],
     qz_var: npt.NDArray[np.float32],
     library_size: npt.NDArray[np.float32],
@@ -243,15 +330,13 @@ def save_minified_model(
     Parameters
     ----------
     model_dir
-        The reference model (``train/scvi.model``).
+        The reference model (``train/scvi.model``); read through :func:`verify_torch_file`.
     out_dir
         Folder to save into (``embed/final_scvi_optimized``); ``scvi.model.SCVI.load`` reads it.
     obs
-        One row per embedded cell (index: str soma_joinid), holding ``batch_key``.
-    var_names
-        The model's genes.
-    batch_key
-        The obs column the model was registered on.
+        One row per embedded cell (index: str soma_joinid).
+    batch_labels
+        Each cell's batch label, stored under the model's batch key.
     qz_mean, qz_var, library_size
         Per-cell posterior mean, variance and total counts over the model's genes.
     seed
@@ -266,19 +351,21 @@ def save_minified_model(
     import torch
 
     n = len(obs)
-    if not (len(qz_mean) == len(qz_var) == len(library_size) == n):
-        msg = "obs, latent and library size lengths differ"
+    if not (len(qz_mean) == len(qz_var) == len(library_size) == len(batch_labels) == n):
+        msg = "obs, batch labels, latent and library size lengths differ"
         raise AssertionError(msg)
-    obs = obs.copy()
-    obs[batch_key] = pd.Categorical(np.asarray(obs[batch_key]).astype(str))
-    adata = ad.AnnData(
-        X=sp.csr_matrix((n, len(var_names)), dtype=np.float32),
-        obs=obs,
-        var=pd.DataFrame(index=pd.Index(np.asarray(var_names).astype(str))),
-    )
-    torch.manual_seed(seed)
-    with quiet_scvi():
-        model = scvi.model.SCVI.load_query_data(adata, str(model_dir), accelerator=accelerator)
+    with _verified_model(model_dir) as saved:
+        info = _info(_checked_registry(model_dir, saved))
+        obs = obs.copy()
+        obs[info.batch_key] = pd.Categorical(np.asarray(batch_labels).astype(str))
+        adata = ad.AnnData(
+            X=sp.csr_matrix((n, len(info.var_names)), dtype=np.float32),
+            obs=obs,
+            var=pd.DataFrame(index=pd.Index(info.var_names.astype(str))),
+        )
+        torch.manual_seed(seed)
+        with quiet_scvi():
+            model = scvi.model.SCVI.load_query_data(adata, str(model_dir), accelerator=accelerator)
     model.is_trained = True
     # under the model's own obsm keys, so the minified AnnData holds one copy of each
     qzm_key, qzv_key = model._LATENT_QZM_KEY, model._LATENT_QZV_KEY
@@ -290,11 +377,3 @@ def save_minified_model(
     model.adata.obs[model._OBSERVED_LIB_SIZE_KEY] = np.asarray(library_size, dtype=np.float32)
     with quiet_scvi():
         model.save(str(out_dir), save_anndata=True, overwrite=True)
-
-
-def model_var_names(path: Path) -> pd.Index:
-    """The genes (feature_ids, in model order) a saved scvi-tools model was trained on."""
-    import pandas as pd
-
-    registry = model_registry(Path(path))
-    return pd.Index(registry["field_registries"]["X"]["state_registry"]["column_names"])

@@ -38,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from census_scvi.constants import CONFIG_FILE, TRAIN_DIR
+from census_scvi.constants import CONFIG_FILE
 from census_scvi.errors import CensusScviError
 from census_scvi.mapping._genes import (
     OverlapReport,
@@ -49,13 +49,14 @@ from census_scvi.mapping._genes import (
     query_gene_ids,
 )
 from census_scvi.mapping._transfer import KnnLabelTransfer, TransferResult
-from census_scvi.rundir import atomic_path, refuse_overwrite
+from census_scvi.rundir import atomic_path, model_dir, refuse_overwrite
+from census_scvi.scvi_model import model_var_names
 
 if TYPE_CHECKING:
     import anndata as ad
     import scipy.sparse as sp
 
-    from census_scvi.config import Config
+    from census_scvi.config import Config, MapConfig
 
 __all__ = [
     "MapResult",
@@ -240,14 +241,9 @@ def encode_query(
     -------
     float32 array, n_cells x n_latent.
     """
-    import warnings
-
     from census_scvi.scvi_model import encode_csr, load_encoder
 
-    with warnings.catch_warnings():
-        # scvi-tools warns about the one-cell stand-in AnnData the encoder is loaded with
-        warnings.filterwarnings("ignore", message=".*fewer than 3 cells.*")
-        encoder = load_encoder(Path(model_dir), accelerator=accelerator)
+    encoder = load_encoder(Path(model_dir), accelerator=accelerator)
     if encoder.encodes_batch:
         msg = (
             f"the model at {model_dir} encodes the batch (encode_covariates=true), so a dataset "
@@ -429,23 +425,58 @@ def run_map(
     t0 = time.perf_counter()
     query, run_dir, out = Path(query), Path(run_dir), Path(out)
     config = _run_config(run_dir, overrides)
-    mc = config.map
     refuse_overwrite(out, force=force, what="output file")
-    model_path = run_dir / TRAIN_DIR / config.model.filename
-    if not (model_path / "model.pt").is_file():
-        msg = f"no trained model at {model_path}"
-        raise CensusScviError(
-            msg, hint="run 'census-scvi run' (or train) on this run directory first"
-        )
+    model_path = model_dir(run_dir, config.model.filename)
     adata = _read_query(query)
-    from census_scvi.scvi_model import model_registry
-
-    registry = model_registry(model_path)
-    model_genes = [
-        str(g) for g in registry["field_registries"]["X"]["state_registry"]["column_names"]
-    ]
-
+    model_genes = [str(g) for g in model_var_names(model_path)]
     # 1-2. overlap and counts check (one pass over X)
+    report = _checked_overlap(config.map, adata, model_genes, gene_ids)
+    # the reference (fails early on a wrong --labels column or a missing embedding)
+    z_ref, ref_labels, _ = _reference(config, run_dir, labels)
+    # 3. latent
+    t = time.perf_counter()
+    z = encode_query(
+        adata,
+        model_path,
+        gene_ids=gene_ids,
+        chunk_size=config.map.chunk_size,
+        batch_size=config.map.batch_size,
+        accelerator="cpu" if config.train.accelerator == "cpu" else "auto",
+    )
+    logger.info("map: latent of %d cells in %.1f s", adata.n_obs, time.perf_counter() - t)
+    # 4. labels
+    res = transfer_labels(
+        z,
+        z_ref,
+        ref_labels,
+        n_neighbors=config.map.n_neighbors,
+        unknown_threshold=config.map.unknown_threshold,
+        unknown_label=config.map.unknown_label,
+    )
+    # 5. outputs
+    _annotate(adata, z, res, report, labels, config, run_dir, model_path, int(z_ref.shape[0]))
+    with atomic_path(out) as tmp:
+        adata.write_h5ad(tmp)
+    picture = out.with_name(f"{out.stem}.umap.png")
+    with atomic_path(picture) as tmp:
+        _picture(config, tmp, z, res.labels, z_ref, ref_labels, labels)
+    counts = pd.Series(res.labels.astype(str)).value_counts()
+    return MapResult(
+        out=out,
+        picture=picture,
+        overlap=report,
+        label_key=labels,
+        counts={str(k): int(v) for k, v in counts.items()},
+        mean_confidence=float(res.confidence.mean()),
+        n_cells=int(adata.n_obs),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _checked_overlap(
+    mc: MapConfig, adata: ad.AnnData, model_genes: list[str], gene_ids: str | None
+) -> OverlapReport:
+    """The overlap report; refused under ``map.min_overlap``, a warning under ``warn_overlap``."""
     report = gene_overlap(adata, model_genes, gene_ids=gene_ids, chunk_size=mc.chunk_size)
     logger.info("map: %s", report.line())
     if report.gene_fraction < mc.min_overlap:
@@ -463,62 +494,33 @@ def run_map(
             100 * report.gene_fraction,
             100 * mc.warn_overlap,
         )
+    return report
 
-    # the reference (fails early on a wrong --labels column or a missing embedding)
-    z_ref, ref_labels, _ = _reference(config, run_dir, labels)
 
-    # 3. latent
-    t = time.perf_counter()
-    z = encode_query(
-        adata,
-        model_path,
-        gene_ids=gene_ids,
-        chunk_size=mc.chunk_size,
-        batch_size=mc.batch_size,
-        accelerator="cpu" if config.train.accelerator == "cpu" else "auto",
-    )
-    logger.info("map: latent of %d cells in %.1f s", adata.n_obs, time.perf_counter() - t)
-
-    # 4. labels
-    res = transfer_labels(
-        z,
-        z_ref,
-        ref_labels,
-        n_neighbors=mc.n_neighbors,
-        unknown_threshold=mc.unknown_threshold,
-        unknown_label=mc.unknown_label,
-    )
-
-    # 5. outputs
-    pred_key, conf_key = f"predicted_{labels}", f"predicted_{labels}_confidence"
+def _annotate(
+    adata: ad.AnnData,
+    z: npt.NDArray[np.float32],
+    res: TransferResult,
+    report: OverlapReport,
+    labels: str,
+    config: Config,
+    run_dir: Path,
+    model: Path,
+    n_reference: int,
+) -> None:
+    """Add the latent, the predictions and the map report to the query."""
     adata.obsm[OBSM_KEY] = z
-    adata.obs[pred_key] = pd.Categorical(res.labels.astype(str))
-    adata.obs[conf_key] = res.confidence
+    adata.obs[f"predicted_{labels}"] = pd.Categorical(res.labels.astype(str))
+    adata.obs[f"predicted_{labels}_confidence"] = res.confidence
     adata.uns[UNS_KEY] = {
         "overlap": {
             k: ", ".join(v) if isinstance(v, list) else v for k, v in report.to_dict().items()
         },
         "run_dir": str(run_dir.resolve()),
-        "model": str(model_path.resolve()),
+        "model": str(model.resolve()),
         "census": str(config.census_uri() or config.census.version),
         "label_key": labels,
-        "n_neighbors": mc.n_neighbors,
-        "unknown_threshold": mc.unknown_threshold,
-        "n_reference_cells": int(z_ref.shape[0]),
+        "n_neighbors": config.map.n_neighbors,
+        "unknown_threshold": config.map.unknown_threshold,
+        "n_reference_cells": n_reference,
     }
-    with atomic_path(out) as tmp:
-        adata.write_h5ad(tmp)
-    picture = out.with_name(f"{out.stem}.umap.png")
-    with atomic_path(picture) as tmp:
-        _picture(config, tmp, z, res.labels, z_ref, ref_labels, labels)
-    counts = pd.Series(res.labels.astype(str)).value_counts()
-    return MapResult(
-        out=out,
-        picture=picture,
-        overlap=report,
-        label_key=labels,
-        counts={str(k): int(v) for k, v in counts.items()},
-        mean_confidence=float(res.confidence.mean()),
-        n_cells=int(adata.n_obs),
-        seconds=time.perf_counter() - t0,
-    )
