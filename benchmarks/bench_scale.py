@@ -1,0 +1,190 @@
+"""Scale benchmark: the whole pipeline at several census sizes, each stage in its own process.
+
+For each size N it builds (or reuses) a mini census of N human cells, then runs
+``prepare`` (stream mode: no h5ad), ``train`` (1 epoch, stream), ``embed``, ``evaluate`` (a
+sample) and ``map`` (a query of ``--query-cells`` cells cut from the census) as separate
+``census-scvi`` processes under ``/usr/bin/time``, recording wall time, CPU time (user + sys),
+peak RSS and the bytes the stage left in its folder. It prints, per stage, seconds per million
+cells and the RSS slope in bytes per cell between consecutive sizes, writes the figures as JSON
+and draws cost and peak RSS against cells (log-log) as a PNG.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_scale.py --sizes 250000 1000000 2000000 \\
+        --genes 20000 --root /tmp/scale --png docs/scale.png --json docs/scale.json
+
+Censuses are large: keep ``--root`` on a disk with room (never inside the repository).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STAGES = ("prepare", "train", "embed", "evaluate", "map")
+BIN = Path(sys.executable).with_name("census-scvi")
+
+
+def _timed(cmd: list[str], log: Path) -> dict:
+    """Run ``cmd`` under /usr/bin/time; wall, user+sys CPU seconds and peak RSS (bytes)."""
+    fmt = "__TIME__ %e %U %S %M"
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.run(
+            ["/usr/bin/time", "-f", fmt, *cmd], stdout=f, stderr=subprocess.STDOUT, check=False
+        )
+    wall = time.perf_counter() - t0
+    line = [x for x in log.read_text().splitlines() if x.startswith("__TIME__")]
+    if proc.returncode != 0 or not line:
+        tail = "\n".join(log.read_text().splitlines()[-15:])
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
+    _, e, u, s, m = line[-1].split()
+    return {"wall_s": float(e) or wall, "cpu_s": float(u) + float(s), "peak_rss": int(m) * 1024}
+
+
+def _du(path: Path) -> int:
+    if not path.exists():
+        return 0
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _census(root: Path, n: int, genes: int, extra: list[str]) -> tuple[Path, dict]:
+    path = root / f"census-{n}"
+    if (path / "census_info").exists():
+        return path, {"reused": True}
+    cmd = [str(BIN), "-q", "demo-data", str(path), "--cells", str(n), "--genes", str(genes), *extra]
+    fig = _timed(cmd, root / f"demo-{n}.log")
+    fig["disk_bytes"] = _du(path)
+    return path, fig
+
+
+def _query(census: Path, out: Path, n_query: int) -> None:
+    """A query h5ad: the first ``n_query`` cells of the census (raw counts, Ensembl ids)."""
+    if out.exists():
+        return
+    code = f"""
+import cellxgene_census
+with cellxgene_census.open_soma(uri={str(census)!r}) as c:
+    a = cellxgene_census.get_anndata(c, "Homo sapiens", obs_value_filter="soma_joinid < {n_query}")
+a.var_names = a.var["feature_id"].astype(str).to_numpy()
+a.write_h5ad({str(out)!r})
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _stage_cmd(stage: str, census: Path, run_dir: Path, query: Path, sets: list[str]) -> list[str]:
+    common = ["--set", f"census.uri={census}", "--set", "census.demo=null", *sets]
+    if stage == "map":
+        return [str(BIN), "-q", "map", str(query), "--run", str(run_dir),
+                "-o", str(run_dir / "mapped.h5ad"), "--force"]  # fmt: skip
+    return [str(BIN), "-q", stage, "-o", str(run_dir), "--force", *common]
+
+
+def run_size(args: argparse.Namespace, n: int) -> dict:
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    census, demo = _census(root, n, args.genes, args.demo_args)
+    run_dir = root / f"run-{n}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    query = root / f"query-{n}.h5ad"
+    _query(census, query, args.query_cells)
+    sets = [
+        "--set", "train.mode=stream", "--set", "train.max_epochs=1",
+        "--set", f"hvg.top_n_hvg={args.hvg}", "--set", f"evaluate.sample_size={args.sample}",
+    ]  # fmt: skip
+    out = {"cells": n, "demo-data": demo}
+    for stage in STAGES:
+        cmd = _stage_cmd(stage, census, run_dir, query, sets)
+        fig = _timed(cmd, root / f"{stage}-{n}.log")
+        sdir = run_dir / stage if stage != "map" else run_dir / "mapped.h5ad"
+        fig["disk_bytes"] = _du(sdir)
+        out[stage] = fig
+        print(f"  {n:>9,} cells  {stage:<9} {fig['wall_s']:8.1f} s  cpu {fig['cpu_s']:8.1f} s  "
+              f"rss {fig['peak_rss'] / 2**30:6.2f} GiB  disk {fig['disk_bytes'] / 2**30:6.2f} GiB",
+              flush=True)  # fmt: skip
+    return out
+
+
+def report(results: list[dict]) -> str:
+    """Seconds per million cells per stage, and RSS slope (bytes/cell) between sizes."""
+    lines = ["| stage | " + " | ".join(f"{r['cells']:,} cells: s/M cells, peak RSS" for r in results)
+             + " | RSS slope (bytes/cell) |", "|---" * (len(results) + 2) + "|"]  # fmt: skip
+    for stage in ("demo-data", *STAGES):
+        cells = []
+        for r in results:
+            f = r.get(stage, {})
+            if "wall_s" not in f:
+                cells.append("reused")
+                continue
+            per_m = f["wall_s"] / (r["cells"] / 1e6)
+            cells.append(f"{per_m:,.0f} s/M, {f['peak_rss'] / 2**30:.2f} GiB")
+        slopes = []
+        for a, b in zip(results, results[1:], strict=False):
+            fa, fb = a.get(stage, {}), b.get(stage, {})
+            if "peak_rss" in fa and "peak_rss" in fb:
+                slopes.append(
+                    f"{(fb['peak_rss'] - fa['peak_rss']) / (b['cells'] - a['cells']):.0f}"
+                )
+        lines.append(f"| {stage} | " + " | ".join(cells) + f" | {', '.join(slopes) or '-'} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for stage in ("demo-data", *STAGES):
+        pts = [(r["cells"], r[stage]) for r in results if "wall_s" in r.get(stage, {})]
+        if not pts:
+            continue
+        x = [p[0] for p in pts]
+        ax1.plot(x, [p[1]["wall_s"] for p in pts], "o-", label=stage)
+        ax2.plot(x, [p[1]["peak_rss"] / 2**30 for p in pts], "o-", label=stage)
+    for ax, title in ((ax1, "wall time (s)"), (ax2, "peak RSS (GiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("cells")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    ax1.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[250_000, 1_000_000, 2_000_000])
+    p.add_argument("--genes", type=int, default=20_000)
+    p.add_argument("--hvg", type=int, default=8000)
+    p.add_argument("--sample", type=int, default=10_000, help="evaluate.sample_size")
+    p.add_argument("--query-cells", type=int, default=10_000)
+    p.add_argument("--root", default="/tmp/census-scvi-scale")
+    p.add_argument("--demo-args", nargs=argparse.REMAINDER, default=[],
+                   help="extra demo-data flags (last on the line)")  # fmt: skip
+    p.add_argument("--png", default="docs/scale.png")
+    p.add_argument("--json", default="docs/scale.json")
+    args = p.parse_args()
+    print("command:", " ".join([os.path.basename(sys.executable), *sys.argv]), flush=True)
+    results = []
+    for n in sorted(args.sizes):
+        results.append(run_size(args, n))
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(report(results))
+    plot(results, Path(args.png))
+    print(f"wrote {args.json} and {args.png}")
+
+
+if __name__ == "__main__":
+    main()
