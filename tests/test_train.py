@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -338,7 +339,8 @@ class _StopAfterEpoch(Callback):
 
 
 @pytest.mark.slow
-def test_resume_finishes_max_epochs_with_full_history(prepared, tmp_path, mini_census):
+def test_resume_finishes_max_epochs_with_full_history(prepared, tmp_path, mini_census, caplog):
+    caplog.set_level(logging.INFO)
     cfg = _cfg(mini_census, "train.max_epochs=4")
     full = _run_dir(prepared, tmp_path, "full")
     run_train(cfg, run_dir=full)
@@ -359,6 +361,11 @@ def test_resume_finishes_max_epochs_with_full_history(prepared, tmp_path, mini_c
     np.testing.assert_allclose(hist["elbo_train"][:2], ref["elbo_train"][:2], rtol=1e-6)
     manifest = json.loads((run / "train/manifest.json").read_text())
     assert manifest["figures"]["epochs"] == 4 and manifest["figures"]["resumed_from_epoch"] == 2
+    assert not list((run / "train/checkpoints").glob(".*.tmp"))
+    # Lightning's routine lines are dropped, its other ones kept
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("lightning")]
+    assert any(m.startswith("Restored all states from the checkpoint") for m in lines), lines
+    assert not [m for m in lines if "weights_only" in m or m.startswith("GPU available")]
 
 
 class _PoisonWeights(Callback):

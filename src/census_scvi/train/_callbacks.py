@@ -4,10 +4,12 @@ Each one does what no stock callback does for us:
 - :class:`HistoryRecorder` keeps one row of epoch metrics per epoch *in the checkpoint* (scvi's
   ``SimpleLogger`` history lives in memory only, so a resumed run would lose its first epochs)
   and rewrites ``history.csv`` after every epoch.
-- :class:`EpochCheckpoint` saves ``last.ckpt`` every N epochs at the end of the training epoch,
-  after :class:`HistoryRecorder` recorded it (a ``ModelCheckpoint`` would collide with
-  scvi-tools' Trainer, which adds its own ``SaveCheckpoint`` when checkpointing is enabled).
-- :class:`NonFiniteLossGuard` stops at the first NaN/inf loss with a one-line fix.
+- :class:`EpochCheckpoint` saves ``last.ckpt`` every N epochs or M minutes at the end of the
+  training epoch, after :class:`HistoryRecorder` recorded it (a ``ModelCheckpoint`` would
+  collide with scvi-tools' Trainer, which adds its own ``SaveCheckpoint`` when checkpointing is
+  enabled).
+- :class:`NonFiniteLossGuard` stops at the first NaN/inf loss with a one-line fix, without
+  waiting for the GPU every step.
 - :class:`ThroughputMonitor` times the training steps of each epoch (data loading included,
   validation excluded) for the cells/s figure.
 """
@@ -18,6 +20,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last.ckpt"
+_TMP_SUFFIX = ".ckpt.tmp"
 
 
 def _scalar(v: Any) -> float | None:
@@ -100,35 +104,93 @@ class HistoryRecorder(Callback):
 
 
 class EpochCheckpoint(Callback):
-    """Save ``<dirpath>/last.ckpt`` every ``every_n_epochs`` epochs and after the last one.
+    """Save ``<dirpath>/last.ckpt`` every N epochs or M minutes, and after the last epoch.
 
     Runs at the end of the training epoch (validation of that epoch done), so a resumed run
-    starts at the next epoch with the optimizer, KL warm-up position and history restored.
+    starts at the next epoch with the optimizer, KL warm-up position and history restored. A
+    checkpoint is due when ``every_n_epochs`` epochs have passed, or when ``every_minutes``
+    minutes have passed since the last one (checked at epoch ends; rank 0's clock decides for
+    every rank, so all of them save together). It is written under a temporary name in the same
+    folder and renamed onto ``last.ckpt``; a temporary is removed on error and, left by a killed
+    run, when the next run starts.
+
+    Parameters
+    ----------
+    dirpath
+        The checkpoints folder.
+    every_n_epochs
+        Save after every this many epochs.
+    every_minutes
+        Also save when this many minutes passed since the last save (or the start); None: by
+        epochs only.
+    clock
+        Seconds, monotonic (tests replace it).
     """
 
-    def __init__(self, dirpath: str | os.PathLike[str], every_n_epochs: int = 1) -> None:
+    def __init__(
+        self,
+        dirpath: str | os.PathLike[str],
+        every_n_epochs: int = 1,
+        every_minutes: float | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.dirpath = Path(dirpath)
         self.every_n_epochs = max(1, int(every_n_epochs))
+        self.every_minutes = every_minutes
+        self.clock = clock
+        self._last_save = clock()
 
     @property
     def last_path(self) -> Path:
         return self.dirpath / LAST_CHECKPOINT
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._last_save = self.clock()
+        if trainer.is_global_zero:
+            for stale in self.dirpath.glob(f".*{_TMP_SUFFIX}"):
+                stale.unlink(missing_ok=True)
+
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         epoch = int(trainer.current_epoch) + 1
-        if epoch % self.every_n_epochs and epoch < int(trainer.max_epochs or 0):
-            return
-        tmp = self.dirpath / f".epoch-{epoch:05d}.ckpt.tmp"
+        if self._due(trainer, epoch):
+            self._save(trainer, epoch)
+
+    def _due(self, trainer: Any, epoch: int) -> bool:
+        if epoch % self.every_n_epochs == 0 or epoch >= int(trainer.max_epochs or 0):
+            return True
+        if self.every_minutes is None:
+            return False
+        due = self.clock() - self._last_save >= 60.0 * self.every_minutes
+        return bool(trainer.strategy.broadcast(due, 0))
+
+    def _save(self, trainer: Any, epoch: int) -> None:
+        tmp = self.dirpath / f".epoch-{epoch:05d}{_TMP_SUFFIX}"
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(tmp)  # all ranks call it; rank 0 writes, then a barrier
+        try:
+            # all ranks call it; rank 0 writes, then a barrier. weights_only=False (optimizer,
+            # loops, callbacks: what resuming needs), said explicitly so Lightning does not log
+            # that it was not set after every epoch
+            trainer.save_checkpoint(tmp, weights_only=False)
+        except BaseException:
+            if trainer.is_global_zero:
+                tmp.unlink(missing_ok=True)
+            raise
         if trainer.is_global_zero:
             tmp.replace(self.last_path)
             logger.debug("checkpoint after epoch %d -> %s", epoch, self.last_path)
+        self._last_save = self.clock()
 
 
 class NonFiniteLossGuard(Callback):
     """Stop training at the first NaN/inf training loss with a one-line error and the fixes.
+
+    Checking a loss on the host every step would wait for the device every step. Instead each
+    step's ``isfinite`` is folded into a flag on the loss's device (with the first bad value,
+    epoch and step), and the flag is read every ``check_every_n_steps`` steps and at each epoch
+    end (before the checkpoint), agreed across DDP ranks. A loss already on the host (CPU
+    training) is checked at once: reading it costs nothing there.
 
     Parameters
     ----------
@@ -136,14 +198,25 @@ class NonFiniteLossGuard(Callback):
         The configured learning rate (quoted in the hint).
     var_activation
         The configured encoder variance activation (quoted in the hint).
+    check_every_n_steps
+        Steps between reads of the device flag.
     """
 
-    def __init__(self, *, lr: float, var_activation: str) -> None:
+    #: devices whose losses are read at once (no transfer, no wait)
+    host_devices: tuple[str, ...] = ("cpu",)
+
+    def __init__(self, *, lr: float, var_activation: str, check_every_n_steps: int = 100) -> None:
         self.lr = lr
         self.var_activation = var_activation
+        self.check_every_n_steps = max(1, int(check_every_n_steps))
         self.epoch = 0
         self.step = 0
         self.stage = "training"
+        # on the loss's device: any non-finite loss yet; the first one's value, epoch, step
+        self._flag: Any = None
+        self._value: Any = None
+        self._epoch: Any = None
+        self._step: Any = None
 
     def error(self, what: str, value: Any) -> CensusScviError:
         """The one-line error for a non-finite ``what`` at the last epoch/step seen."""
@@ -159,7 +232,14 @@ class NonFiniteLossGuard(Callback):
         text = str(err)
         return isinstance(err, ValueError) and "found invalid values" in text
 
-    def _fail(self, what: str, value: float, trainer: Any) -> None:
+    def nan_weights_error(self) -> CensusScviError:
+        """The error for :meth:`is_nan_error`: the non-finite loss before it, if one was seen."""
+        loss_error = self._recorded_error()
+        if loss_error is not None:
+            return loss_error
+        return self.error(f"the encoder output ({self.stage})", "nan")
+
+    def _fail(self, what: str, value: Any, trainer: Any) -> None:
         self._seen(trainer, self.stage)
         raise self.error(what, value)
 
@@ -184,14 +264,59 @@ class NonFiniteLossGuard(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is None:
             return
-        value = float(loss.detach()) if hasattr(loss, "detach") else float(loss)
-        if not math.isfinite(value):
-            self._fail("the training loss", value, trainer)
+        if not hasattr(loss, "detach"):  # a plain number
+            if not math.isfinite(float(loss)):
+                self._fail("the training loss", float(loss), trainer)
+            return
+        self._track(loss.detach(), trainer)
+        if loss.device.type in self.host_devices:
+            self._check(trainer, agree=False)
+        elif (batch_idx + 1) % self.check_every_n_steps == 0:
+            self._check(trainer, agree=True)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._check(trainer, agree=True)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         value = _scalar(trainer.callback_metrics.get("elbo_validation"))
         if value is not None and not math.isfinite(value):
             self._fail("the validation ELBO", value, trainer)
+
+    def _track(self, loss: Any, trainer: Any) -> None:
+        """Fold this step's loss into the device flag: device ops only, no wait for the device."""
+        import torch
+
+        if self._flag is None or self._flag.device != loss.device:
+            self._flag = torch.zeros((), dtype=torch.bool, device=loss.device)
+            self._value = torch.zeros((), dtype=torch.float32, device=loss.device)
+            self._epoch = torch.zeros((), dtype=torch.int64, device=loss.device)
+            self._step = torch.zeros((), dtype=torch.int64, device=loss.device)
+        value = loss.float().sum()
+        first = ~torch.isfinite(value) & ~self._flag
+        self._value = torch.where(first, value, self._value)
+        self._epoch.masked_fill_(first, int(trainer.current_epoch))
+        self._step.masked_fill_(first, int(trainer.global_step))
+        self._flag.logical_or_(first)
+
+    def _recorded_error(self) -> CensusScviError | None:
+        if self._flag is None or not bool(self._flag):
+            return None
+        self.epoch, self.step, self.stage = int(self._epoch), int(self._step), "training"
+        return self.error("the training loss", float(self._value))
+
+    def _check(self, trainer: Any, *, agree: bool) -> None:
+        """Raise when a non-finite loss was recorded (``agree``: on any rank; one read each)."""
+        if self._flag is None:
+            return
+        bad = bool(self._flag)
+        if agree:
+            bad = bool(trainer.strategy.reduce_boolean_decision(bad, all=False))
+        if not bad:
+            return
+        err = self._recorded_error()
+        if err is not None:
+            raise err
+        self._fail("the training loss of another rank", "nan or inf", trainer)
 
 
 class ThroughputMonitor(Callback):

@@ -355,9 +355,11 @@ def _fit(
         StderrProgressBar,
         ThroughputMonitor,
     )
+    from census_scvi.train._quiet import quiet_lightning
 
     resumed_from = _resumed_from(plan)
-    scvi.settings.seed = config.train.seed
+    with quiet_lightning():  # "Seed set to ..."
+        scvi.settings.seed = config.train.seed
     model, datamodule, n_cells = build_model(config, inputs)
     t = config.train
     fit = _Fit(
@@ -375,7 +377,11 @@ def _fit(
         fit.guard,
         fit.history,
         fit.throughput,
-        EpochCheckpoint(paths.checkpoints, every_n_epochs=t.checkpoint_every_n_epochs),
+        EpochCheckpoint(
+            paths.checkpoints,
+            every_n_epochs=t.checkpoint_every_n_epochs,
+            every_minutes=t.checkpoint_every_minutes,
+        ),
         StderrProgressBar(),
     ]
     kwargs = _trainer_kwargs(config, devices, paths, [*ours, *(callbacks or [])], datamodule)
@@ -445,14 +451,16 @@ def _trainer_kwargs(
 
 
 def _train(model: Any, kwargs: dict[str, Any], guard: NonFiniteLossGuard) -> None:
-    """``model.train``, with NaN weights reported as our one-line error."""
+    """``model.train``, Lightning's routine info lines dropped, NaN weights as our error."""
+    from census_scvi.train._quiet import quiet_lightning
+
     try:
-        model.train(**kwargs)
+        with quiet_lightning():
+            model.train(**kwargs)
     except ValueError as e:
         # NaN weights usually surface as torch's distribution argument check, not as a NaN loss
         if guard.is_nan_error(e):
-            what = f"the encoder output ({guard.stage})"
-            raise guard.error(what, "nan") from None
+            raise guard.nan_weights_error() from None
         raise
 
 
