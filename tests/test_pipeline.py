@@ -22,7 +22,7 @@ def test_stage_range_orders_and_validates():
     assert stage_range("EMBED", None, available=lambda s: True) == (["embed", "evaluate"], [])
     # evaluate is optional: left out (and reported) when its module is missing
     assert stage_range(None, None, available=lambda s: False) == (every[:3], ["evaluate"])
-    with pytest.raises(CensusScviError, match="needs scib-metrics.*census-scvi\[eval\]"):
+    with pytest.raises(CensusScviError, match=r"needs scib-metrics.*census-scvi\[eval\]"):
         stage_range(None, "evaluate", available=lambda s: False)
     with pytest.raises(CensusScviError, match=r"--from 'trian' is not a stage; valid stages: prep"):
         stage_range("trian", None)
