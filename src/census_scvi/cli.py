@@ -197,10 +197,7 @@ def _parse_shard(shard: str | None) -> tuple[int, int] | None:
     except ValueError:
         msg = f"--shard '{shard}' is not K/N (e.g. 1/4)"
         raise CensusScviError(msg) from None
-    if not 1 <= k <= n:
-        msg = f"--shard {shard}: K must be between 1 and N"
-        raise CensusScviError(msg)
-    return k, n
+    return k, n  # run_embed checks the range
 
 
 @app.command("embed")
@@ -306,6 +303,134 @@ def build_census_cmd(
         )  # fmt: skip
 
     _print_result(_guard(go))
+
+
+# ----------------------------------------------------------------------------------------------
+# nearest-cell search and scvi-hub export
+def _run_config(config: Path | None, run_dir: Path | None) -> Path | None:
+    """``-c`` when given, else the run's own ``config.yaml`` when it has one (else the default)."""
+    if config is not None or run_dir is None:
+        return config
+    own = Path(run_dir) / "config.yaml"
+    return own if own.is_file() else None
+
+
+@app.command("index")
+def index_cmd(
+    config: Annotated[
+        Path | None,
+        typer.Option("-c", "--config", help="YAML config (default: RUN_DIR/config.yaml)."),
+    ] = None,
+    run_dir: RunDirOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    partitions: Annotated[
+        int | None,
+        typer.Option("--partitions", min=1, help="k-means partitions (default: sqrt(cells))."),
+    ] = None,
+) -> None:
+    """Build the nearest-cell index (TileDB-Vector-Search IVF_FLAT) over every embedded cell."""
+
+    def go() -> Any:
+        from census_scvi.search import run_index
+
+        cfg = _load(_run_config(config, run_dir), set_)
+        return run_index(cfg, run_dir=_run_dir(cfg, run_dir), force=force, partitions=partitions)
+
+    _print_result(_guard(go))
+
+
+@app.command("neighbors")
+def neighbors_cmd(
+    query: Annotated[Path, typer.Argument(help="h5ad of raw counts.")],
+    run: Annotated[Path, typer.Option("--run", help="Run directory with an index.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output h5ad.")],
+    k: Annotated[
+        int, typer.Option("-k", "--n-neighbors", min=1, help="Nearest embedded cells per cell.")
+    ] = 30,
+    columns: Annotated[
+        str, typer.Option("--columns", help="Census obs columns to predict, comma-separated.")
+    ] = "cell_type,tissue_general,disease",
+    nprobe: Annotated[
+        int | None,
+        typer.Option("--nprobe", min=1, help="Partitions searched (default: calibrated)."),
+    ] = None,
+    gene_ids: Annotated[
+        str | None, typer.Option("--gene-ids", help="var column with Ensembl ids (default: index).")
+    ] = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Find each cell's nearest embedded cells; predict obs columns with a confidence."""
+
+    def go() -> Any:
+        from census_scvi.search import run_neighbors
+
+        return run_neighbors(
+            query, run_dir=run, out=out, k=k, columns=[c for c in columns.split(",") if c.strip()],
+            nprobe=nprobe, gene_ids=gene_ids, overrides=set_ or [], force=force,
+        )  # fmt: skip
+
+    _print_result(_guard(go))
+
+
+@app.command("export-hub")
+def export_hub_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory with a minified model.")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write for scvi-hub.")],
+    force: ForceOpt = False,
+    license_info: Annotated[
+        str, typer.Option("--license", help="Model card license.")
+    ] = "cc-by-4.0",
+    repo_id: Annotated[
+        str | None, typer.Option("--repo-id", help="Hugging Face repo (user/name) to print.")
+    ] = None,
+    training_data_url: Annotated[
+        str | None, typer.Option("--training-data-url", help="URL of the training data.")
+    ] = None,
+) -> None:
+    """Write the minified model, model card and metrics for scvi-hub; print the upload command."""
+
+    def go() -> Any:
+        from census_scvi.hub import export_hub
+
+        return export_hub(
+            run_dir, out_dir, force=force, license_info=license_info, repo_id=repo_id,
+            training_data_url=training_data_url,
+        )  # fmt: skip
+
+    _print_result(_guard(go))
+
+
+@app.command("tune")
+def tune_cmd(
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    set_: SetOpt = None,
+    space: Annotated[
+        Path | None,
+        typer.Option("--space", help="Search space YAML (default: configs/tune-space.yaml's)."),
+    ] = None,
+    trials: Annotated[int, typer.Option("--trials", min=1, help="Trials to finish.")] = 20,
+    metric: Annotated[
+        str, typer.Option("--metric", help="Rank by total|bio|batch (scib) or elbo.")
+    ] = "total",
+    finalists: Annotated[
+        int, typer.Option("--finalists", min=1, help="Top trials rerun with more seeds.")
+    ] = 3,
+    seeds: Annotated[
+        int, typer.Option("--seeds", min=1, help="Training seeds per finalist (1: no reruns).")
+    ] = 2,
+) -> None:
+    """Search model/training settings for the best scib Total; resumable; writes best.yaml."""
+    parts = ["census-scvi tune"] + (["-c", str(config)] if config else [])
+    parts += [f"--set {s}" for s in set_ or []] + (["-o", str(run_dir)] if run_dir else [])
+    parts += (["--space", str(space)] if space else []) + ["--trials", str(trials)]
+    parts += ["--metric", metric, "--finalists", str(finalists), "--seeds", str(seeds)]
+    _stage(
+        "tune", config, set_, run_dir, space=space, trials=trials, metric=metric,
+        finalists=finalists, seeds=seeds, command=" ".join(parts),
+    )  # fmt: skip
 
 
 def main() -> None:
