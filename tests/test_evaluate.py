@@ -76,6 +76,8 @@ def test_outputs_report_card_picture_manifest(evaluated, mini_census):
     assert set(manifest["outputs"]) == {"metrics.json", "report.md", "umap.png", "model_card.md"}
     assert manifest["figures"]["n_cells_sampled"] == metrics["n_cells_sampled"]
     assert "model" in manifest["inputs"]
+    assert manifest["inputs"]["census"].startswith(mini_census)  # soma.census_fingerprint
+    assert set(manifest["files"]) == {f"evaluate/{n}" for n in manifest["outputs"]}
 
 
 @pytest.mark.slow
@@ -96,6 +98,20 @@ def test_missing_model_or_embedding_names_the_fix(tmp_path, mini_census):
     with pytest.raises(CensusScviError, match="no trained model") as e:
         run_evaluate(cfg, run_dir=tmp_path / "nothing")
     assert "census-scvi train" in str(e.value)
+
+
+def test_missing_scib_metrics_fails_before_reading_anything(tmp_path, monkeypatch):
+    from census_scvi.config import load_config
+    from census_scvi.evaluate import _metrics
+
+    real = _metrics.find_spec
+    monkeypatch.setattr(
+        _metrics, "find_spec", lambda name: None if name == "scib_metrics" else real(name)
+    )
+    with pytest.raises(CensusScviError, match="scib-metrics") as e:
+        # no model, no embedding, no census: the extra is checked before any of them
+        run_evaluate(load_config(None), run_dir=tmp_path / "nothing")
+    assert "pip install 'census-scvi[eval]'" in str(e.value)
 
 
 def test_unknown_metric_name_is_rejected(mini_census):
@@ -160,13 +176,13 @@ def test_benchmark_when_no_label_spans_two_batches():
     batches = np.where(np.arange(n) < 150, "zheng", "kang")
     emb = rng.normal(size=(n, 5)).astype(np.float32)
     emb[:75] += 4
-    scores, _ = benchmark(
+    scores = benchmark(
         {"scVI": emb, "PCA": emb[:, ::-1].copy()},
         labels=labels,
         batches={"batch": batches},
         baseline="PCA",
         skip_metrics=("kbet_per_label", "nmi_ari_cluster_labels_leiden"),
-    )
+    ).scores
     got = scores["batch"]["scVI"]
     assert not any("BRAS" in m or "ilhouette batch" in m for m in got)
     assert 0.0 <= got["Bio conservation"] <= 1.0

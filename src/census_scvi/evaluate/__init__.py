@@ -1,16 +1,11 @@
 """Evaluate stage: scib-metrics beside a PCA baseline, classifiers, UMAP, report, model card."""
 
-from census_scvi.evaluate._stage import (
-    EvaluateResult,
-    benchmark_embeddings,
-    classifier_accuracy,
-    run_evaluate,
-    stratified_sample,
-)
+from census_scvi.evaluate._classifiers import classifier_accuracy
+from census_scvi.evaluate._sample import stratified_sample
+from census_scvi.evaluate._stage import EvaluateResult, run_evaluate
 
 __all__ = [
     "EvaluateResult",
-    "benchmark_embeddings",
     "classifier_accuracy",
     "run_evaluate",
     "stratified_sample",

@@ -1,4 +1,4 @@
-"""scib-metrics and classifier scores of embeddings (the implementation behind ``evaluate``).
+"""scib-metrics scores of embeddings and the PCA baseline (the implementation behind ``evaluate``).
 
 scib-metrics' ``Benchmarker`` does the scoring; we only choose the metrics, give it an exact
 k-NN search (scikit-learn, fast and deterministic for the sample sizes evaluated here, where
@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
+from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,10 +26,12 @@ if TYPE_CHECKING:
 __all__ = [
     "BATCH_METRICS",
     "BIO_METRICS",
+    "EVAL_INSTALL",
     "METRIC_HELP",
+    "ScibScores",
     "benchmark",
-    "classifier_scores",
     "pca_baseline",
+    "require_scib_metrics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,6 +54,16 @@ METRIC_HELP = {
     "Batch correction": "aggregate: mean of the batch-correction scores",
     "Total": "aggregate: 0.6 x bio conservation + 0.4 x batch correction (scIB weighting)",
 }
+
+
+EVAL_INSTALL = "pip install 'census-scvi[eval]'"
+
+
+def require_scib_metrics() -> None:
+    """Fail at once, naming the install command, when scib-metrics (the ``eval`` extra) is missing."""
+    if find_spec("scib_metrics") is None:
+        msg = "evaluate needs scib-metrics, which is not installed"
+        raise CensusScviError(msg, hint=EVAL_INSTALL)
 
 
 def pca_baseline(counts: ad.AnnData, *, n_pcs: int, seed: int = 0) -> npt.NDArray[np.float32]:
@@ -107,6 +120,48 @@ def _label_spans_batches(labels: npt.NDArray[np.str_], batches: npt.NDArray[np.s
     return bool((per_label >= 2).any())
 
 
+@dataclass
+class ScibScores:
+    """What :func:`benchmark` computed.
+
+    Attributes
+    ----------
+    scores
+        ``scores[batch_key][embedding][metric]``: clean metric names plus the aggregates
+        ``Bio conservation``, ``Batch correction``, ``Total``.
+    seconds
+        Wall time per batch key.
+    """
+
+    scores: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _plan(
+    key: str,
+    values: npt.NDArray[np.str_],
+    labels: npt.NDArray[np.str_],
+    skip: Sequence[str],
+    *,
+    first: bool,
+) -> tuple[Any, Any]:
+    """The bio / batch metric collections for one batch key (None: not computed)."""
+    skip = list(skip)
+    if not _label_spans_batches(labels, values):
+        # scib-metrics BRAS (silhouette_batch) averages within labels over batches and fails
+        # ("No objects to concatenate") when no label occurs in two batches.
+        logger.warning(
+            "evaluate: no label occurs in two %s batches; BRAS (per-label batch silhouette) skipped",
+            key,
+        )
+        skip.append("bras")
+    bio_c, batch_c = _collections(skip, bio=first)
+    if np.unique(values).size < 2:
+        logger.info("evaluate: batch key %s has one value; no batch-correction scores", key)
+        return bio_c, None  # a single batch: bio conservation only, on the first key
+    return bio_c, batch_c
+
+
 def benchmark(
     embeddings: Mapping[str, npt.NDArray[np.floating]],
     *,
@@ -114,125 +169,100 @@ def benchmark(
     batches: Mapping[str, npt.ArrayLike],
     baseline: str,
     skip_metrics: Sequence[str] = (),
-) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, float]]:
+) -> ScibScores:
     """scib-metrics on each embedding, once per batch key.
 
     The first batch key gets bio conservation and batch correction; the others only batch
     correction (bio conservation barely depends on the batch key). A batch key with a single
     value gets no batch-correction scores (the first one still gets bio conservation).
 
+    Parameters
+    ----------
+    embeddings
+        Name -> (n_cells x d) array; must include ``baseline``.
+    labels
+        Cell labels (bio conservation).
+    batches
+        Batch key name -> one batch per cell.
+    baseline
+        The unintegrated embedding (used by ``pcr_comparison``).
+    skip_metrics
+        scib-metrics switches to leave out (e.g. ``"kbet_per_label"``).
+
     Returns
     -------
-    ``(scores, seconds)``: ``scores[batch_key][embedding][metric]`` (clean metric names plus the
-    aggregates ``Bio conservation``, ``Batch correction``, ``Total``), and the wall time per key.
+    A :class:`ScibScores`.
     """
+    require_scib_metrics()
+    labels = np.asarray(labels).astype(str)
+    _check_shapes(embeddings, labels, baseline)
+    out = ScibScores()
+    neighbors = _CachedNeighbors()
+    adata = _anndata(embeddings, labels)
+    for i, (key, raw) in enumerate(batches.items()):
+        values = np.asarray(raw).astype(str)
+        bio_c, batch_c = _plan(key, values, labels, skip_metrics, first=i == 0)
+        if bio_c is None and batch_c is None:
+            continue
+        t0 = time.perf_counter()
+        out.scores[key] = _run_benchmarker(adata, values, bio_c, batch_c, baseline, neighbors)
+        out.seconds[key] = time.perf_counter() - t0
+        logger.info("evaluate: scib-metrics for batch key %s in %.1f s", key, out.seconds[key])
+    return out
+
+
+def _check_shapes(
+    embeddings: Mapping[str, npt.NDArray[np.floating]], labels: npt.NDArray[np.str_], baseline: str
+) -> None:
+    if baseline not in embeddings:
+        msg = f"baseline '{baseline}' is not one of the embeddings {list(embeddings)}"
+        raise CensusScviError(msg)
+    n = labels.shape[0]
+    for name, emb in embeddings.items():
+        if np.asarray(emb).shape[0] != n:
+            msg = f"embedding '{name}' has {np.asarray(emb).shape[0]} rows, labels have {n}"
+            raise CensusScviError(msg)
+
+
+def _anndata(
+    embeddings: Mapping[str, npt.NDArray[np.floating]], labels: npt.NDArray[np.str_]
+) -> ad.AnnData:
     import anndata as ad
     import pandas as pd
 
-    try:
-        from scib_metrics.benchmark import Benchmarker
-    except ImportError:
-        msg = "evaluate needs scib-metrics, which is not installed"
-        raise CensusScviError(msg, hint='pip install "census-scvi[eval]"') from None
-
-    labels = np.asarray(labels).astype(str)
-    names = list(embeddings)
-    n = labels.shape[0]
-    adata = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(n)]))
+    adata = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(labels.shape[0])]))
     adata.obs["_label"] = pd.Categorical(labels)
     for name, emb in embeddings.items():
         adata.obsm[name] = np.asarray(emb, dtype=np.float32)
-    neighbors = _CachedNeighbors()
-    scores: dict[str, dict[str, dict[str, float]]] = {}
-    seconds: dict[str, float] = {}
-    for i, (key, values) in enumerate(batches.items()):
-        values = np.asarray(values).astype(str)
-        skip = list(skip_metrics)
-        if not _label_spans_batches(labels, values):
-            # scib-metrics BRAS (silhouette_batch) averages within labels over batches and fails
-            # ("No objects to concatenate") when no label occurs in two batches.
-            logger.warning(
-                "evaluate: no label occurs in two %s batches; BRAS (per-label batch silhouette) skipped",
-                key,
-            )
-            skip.append("bras")
-        bio_c, batch_c = _collections(skip, bio=i == 0)
-        if np.unique(values).size < 2:
-            logger.info("evaluate: batch key %s has one value; no batch-correction scores", key)
-            if bio_c is None:
-                continue
-            batch_c = None  # a single batch: bio conservation only
-        elif batch_c is None and bio_c is None:
-            continue
-        adata.obs["_batch"] = pd.Categorical(values)
-        t0 = time.perf_counter()
-        bm = Benchmarker(
-            adata,
-            batch_key="_batch",
-            label_key="_label",
-            embedding_obsm_keys=names,
-            pre_integrated_embedding_obsm_key=baseline,
-            bio_conservation_metrics=bio_c,
-            batch_correction_metrics=batch_c,
-            progress_bar=False,
-        )
-        bm.prepare(neighbor_computer=neighbors)
-        bm.benchmark()
-        table = bm.get_results(min_max_scale=False).drop("Metric Type")
-        scores[key] = {
-            emb: {str(m): float(v) for m, v in table.loc[emb].items() if pd.notna(v)}
-            for emb in names
-        }
-        seconds[key] = time.perf_counter() - t0
-        logger.info("evaluate: scib-metrics for batch key %s in %.1f s", key, seconds[key])
-    return scores, seconds
+    return adata
 
 
-def classifier_scores(
-    embedding: npt.NDArray[np.floating],
-    labels: npt.ArrayLike,
-    *,
-    test_size: float = 0.4,
-    n_neighbors: int = 15,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Accuracy and macro F1 of logistic regression and k-NN predicting ``labels``.
+def _run_benchmarker(
+    adata: ad.AnnData,
+    batch: npt.NDArray[np.str_],
+    bio_c: Any,
+    batch_c: Any,
+    baseline: str,
+    neighbors: _CachedNeighbors,
+) -> dict[str, dict[str, float]]:
+    import pandas as pd
+    from scib_metrics.benchmark import Benchmarker
 
-    A stratified ``1 - test_size`` / ``test_size`` split (60/40 by default, as the Census embedding
-    benchmark); features standardised on the training part.
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, f1_score
-    from sklearn.model_selection import train_test_split
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    y = np.asarray(labels).astype(str)
-    x = np.asarray(embedding, dtype=np.float32)
-    # classes with one cell cannot be stratified; they go to the training part
-    uniq, counts = np.unique(y, return_counts=True)
-    rare = np.isin(y, uniq[counts < 2])
-    idx = np.arange(y.size)
-    try:
-        tr, te = train_test_split(
-            idx[~rare], test_size=test_size, random_state=seed, stratify=y[~rare]
-        )
-    except ValueError:  # too few cells per class for a stratified split: a plain random split
-        tr, te = train_test_split(idx[~rare], test_size=test_size, random_state=seed)
-    tr = np.concatenate([tr, idx[rare]])
-    out: dict[str, float] = {}
-    models = {
-        "logreg": make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
-        "knn": make_pipeline(
-            StandardScaler(), KNeighborsClassifier(n_neighbors=min(n_neighbors, tr.size))
-        ),
+    adata.obs["_batch"] = pd.Categorical(batch)
+    names = list(adata.obsm)
+    bm = Benchmarker(
+        adata,
+        batch_key="_batch",
+        label_key="_label",
+        embedding_obsm_keys=names,
+        pre_integrated_embedding_obsm_key=baseline,
+        bio_conservation_metrics=bio_c,
+        batch_correction_metrics=batch_c,
+        progress_bar=False,
+    )
+    bm.prepare(neighbor_computer=neighbors)
+    bm.benchmark()
+    table = bm.get_results(min_max_scale=False).drop("Metric Type")
+    return {
+        emb: {str(m): float(v) for m, v in table.loc[emb].items() if pd.notna(v)} for emb in names
     }
-    for name, clf in models.items():
-        clf.fit(x[tr], y[tr])
-        pred = clf.predict(x[te])
-        out[f"{name}_accuracy"] = float(accuracy_score(y[te], pred))
-        out[f"{name}_macro_f1"] = float(f1_score(y[te], pred, average="macro"))
-    out["n_train"] = float(tr.size)
-    out["n_test"] = float(te.size)
-    return out

@@ -11,7 +11,7 @@ same cells:
 - a UMAP of the scVI latent coloured by label and batch parts.
 
 Outputs in ``RUN_DIR/evaluate/``: ``metrics.json``, ``report.md``, ``umap.png``, ``model_card.md``,
-``manifest.json`` (written last).
+``manifest.json`` (written last, by :func:`census_scvi.rundir.run_stage`).
 
 Examples
 --------
@@ -23,10 +23,12 @@ Examples
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,48 +45,48 @@ from census_scvi.constants import (
     MANIFEST_FILE,
     METRICS_FILE,
     MODEL_CARD_FILE,
-    PREPARE_DIR,
     REPORT_FILE,
     UMAP_FILE,
 )
 from census_scvi.errors import CensusScviError
-from census_scvi.evaluate._metrics import benchmark, classifier_scores, pca_baseline
-from census_scvi.evaluate._report import model_card_markdown, report_markdown
-from census_scvi.plots import draw_umap, umap_coords
+from census_scvi.evaluate._card import (
+    extra_versions,
+    model_card_markdown,
+    model_facts,
+    n_train_cells,
+)
+from census_scvi.evaluate._classifiers import classifier_accuracy
+from census_scvi.evaluate._metrics import benchmark, pca_baseline, require_scib_metrics
+from census_scvi.evaluate._report import AGGREGATES, report_markdown
+from census_scvi.evaluate._sample import stratified_sample
 from census_scvi.rundir import (
-    Manifest,
-    StageTimer,
+    StageRun,
     atomic_path,
     file_hash,
     load_embedding,
     model_dir,
     package_versions,
     peak_rss_bytes,
-    read_manifest,
-    stage_dir,
+    run_stage,
     write_json_atomic,
-    write_manifest,
-    write_run_config,
 )
 from census_scvi.scvi_model import model_var_names
-from census_scvi.soma import read_counts, read_obs, stratified_indices
 
 if TYPE_CHECKING:
-    from census_scvi.config import Config
+    import anndata as ad
+    import pandas as pd
 
-__all__ = [
-    "EvaluateResult",
-    "benchmark_embeddings",
-    "classifier_accuracy",
-    "run_evaluate",
-    "stratified_sample",
-]
+    from census_scvi.config import Config, EvaluateConfig
+
+__all__ = ["EvaluateResult", "run_evaluate"]
 
 logger = logging.getLogger(__name__)
 
 SCVI = "scVI"
 PCA = "PCA"
 _CONFIG_SECTIONS = ["census", "anndata", "evaluate"]
+_OUTPUTS = (METRICS_FILE, REPORT_FILE, UMAP_FILE, MODEL_CARD_FILE)
+_KNN_K = 15
 
 
 @dataclass
@@ -131,8 +133,7 @@ class EvaluateResult:
                     for k in ("Bio conservation", "Batch correction", "Total")
                 ]
                 lines.append(f"  {emb:6} {cells[0]:>17} {cells[1]:>17} {cells[2]:>7}")
-        cls = self.metrics.get("classifier", {})
-        for emb, vals in cls.items():
+        for emb, vals in self.metrics.get("classifier", {}).items():
             lines.append(
                 f"  {emb}: cell-type accuracy logistic regression "
                 f"{vals['logreg_accuracy']:.3f}, k-NN {vals['knn_accuracy']:.3f}"
@@ -142,171 +143,8 @@ class EvaluateResult:
 
 
 # ------------------------------------------------------------------------------------------
-# library functions
-# ------------------------------------------------------------------------------------------
-def stratified_sample(strata: npt.ArrayLike, *, n: int, seed: int = 0) -> npt.NDArray[np.int64]:
-    """Positions of a sample of ``n`` rows, proportional per stratum, every stratum kept.
-
-    Parameters
-    ----------
-    strata
-        One label per row (e.g. cell type).
-    n
-        Sample size; all rows when there are fewer.
-    seed
-        Random seed.
-
-    Returns
-    -------
-    Sorted row positions.
-
-    Examples
-    --------
-    >>> stratified_sample(["a"] * 95 + ["b"] * 5, n=20).size
-    20
-    """
-    if n <= 0:
-        msg = f"sample size n={n} must be > 0"
-        raise CensusScviError(msg)
-    return stratified_indices(strata, n, seed=seed)
-
-
-def benchmark_embeddings(
-    embeddings: Mapping[str, npt.NDArray[np.floating]],
-    *,
-    labels: npt.ArrayLike,
-    batches: Mapping[str, npt.ArrayLike],
-    baseline: str,
-    skip_metrics: Sequence[str] = (),
-) -> dict[str, dict[str, dict[str, float]]]:
-    """scib-metrics scores of several embeddings of the same cells.
-
-    Parameters
-    ----------
-    embeddings
-        Name -> (n_cells x d) array; must include ``baseline``.
-    labels
-        Cell labels (bio conservation).
-    batches
-        Batch key name -> one batch per cell. The first gets bio conservation and batch
-        correction, the others batch correction only.
-    baseline
-        The unintegrated embedding (used by ``pcr_comparison``).
-    skip_metrics
-        scib-metrics function names to leave out (e.g. ``"kbet_per_label"``).
-
-    Returns
-    -------
-    ``scores[batch_key][embedding][metric]`` with the aggregates ``Bio conservation``,
-    ``Batch correction`` and ``Total``.
-
-    Examples
-    --------
-    >>> scores = benchmark_embeddings(
-    ...     {"scVI": z, "PCA": pcs}, labels=cell_type, batches={"batch": b}, baseline="PCA"
-    ... )  # doctest: +SKIP
-    """
-    if baseline not in embeddings:
-        msg = f"baseline '{baseline}' is not one of the embeddings {list(embeddings)}"
-        raise CensusScviError(msg)
-    n = np.asarray(labels).shape[0]
-    for name, emb in embeddings.items():
-        if np.asarray(emb).shape[0] != n:
-            msg = f"embedding '{name}' has {np.asarray(emb).shape[0]} rows, labels have {n}"
-            raise CensusScviError(msg)
-    return benchmark(
-        embeddings, labels=labels, batches=batches, baseline=baseline, skip_metrics=skip_metrics
-    )[0]
-
-
-def classifier_accuracy(
-    embedding: npt.NDArray[np.floating],
-    labels: npt.ArrayLike,
-    *,
-    test_size: float = 0.4,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Cell-type accuracy and macro F1 of logistic regression and k-NN on an embedding.
-
-    Parameters
-    ----------
-    embedding
-        n_cells x d.
-    labels
-        One label per cell.
-    test_size
-        Held-out fraction (0.4: the 60/40 split of the Census embedding benchmark).
-    seed
-        Split seed.
-
-    Returns
-    -------
-    ``logreg_accuracy``, ``logreg_macro_f1``, ``knn_accuracy``, ``knn_macro_f1``, ``n_train``,
-    ``n_test``.
-    """
-    if not 0.0 < test_size < 1.0:
-        msg = f"test_size={test_size} must be in (0, 1)"
-        raise CensusScviError(msg)
-    return classifier_scores(embedding, labels, test_size=test_size, seed=seed)
-
-
-# ------------------------------------------------------------------------------------------
 # the stage
 # ------------------------------------------------------------------------------------------
-def _inputs(run_dir: Path, model_path: Path) -> dict[str, str]:
-    embed = run_dir / EMBED_DIR
-    inputs = {"model": file_hash(model_path)}
-    if (embed / MANIFEST_FILE).is_file():
-        inputs["embed_manifest"] = file_hash(embed / MANIFEST_FILE)
-    else:  # embedding written by hand or by an older version: hash the arrays themselves
-        inputs["latent"] = file_hash(embed / LATENT_FILE, max_bytes=1 << 28)
-        inputs["latent_idx"] = file_hash(embed / LATENT_IDX_FILE)
-    return inputs
-
-
-def _n_train_cells(run_dir: Path) -> int | None:
-    p = run_dir / PREPARE_DIR / "cells.parquet"
-    if not p.is_file():
-        return None
-    import pyarrow.parquet as pq
-
-    return int(pq.read_metadata(p).num_rows)
-
-
-def _model_facts(model_path: Path, config: Config) -> tuple[dict[str, Any], Any]:
-    """Model settings for the card (from the saved registry) and its training history."""
-    import warnings
-
-    import scvi
-
-    from census_scvi.scvi_model import quiet_scvi
-
-    with warnings.catch_warnings(), quiet_scvi():
-        warnings.simplefilter("ignore")
-        model = scvi.model.SCVI.load(str(model_path), adata=False, accelerator="cpu")
-    registry = model.registry_
-    n_batches = None
-    try:
-        state = registry["field_registries"][BATCH_KEY]["state_registry"]
-        n_batches = len(state["categorical_mapping"])
-    except KeyError:
-        pass
-    m = config.model
-    facts = {
-        "class": "scvi.model.SCVI",
-        "scvi-tools": registry.get("scvi_version", "?"),
-        "n_latent": m.n_latent,
-        "n_hidden": m.n_hidden,
-        "n_layers": m.n_layers,
-        "dropout_rate": m.dropout_rate,
-        "gene_likelihood": m.gene_likelihood,
-        "encode_covariates": m.encode_covariates,
-        "batches (batch_key 'batch')": n_batches,
-        "saved at": str(model_path),
-    }
-    return facts, model.history
-
-
 def run_evaluate(
     config: Config, *, run_dir: str | os.PathLike[str], force: bool = False
 ) -> EvaluateResult:
@@ -325,173 +163,247 @@ def run_evaluate(
     -------
     :class:`EvaluateResult`; ``metrics`` holds ``metrics.json``.
     """
-    from census_scvi.config import config_hash, dump_config
-    from census_scvi.soma import get_experiment, open_census
-
+    require_scib_metrics()  # before any reading: a missing extra fails at once
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    ev = config.evaluate
     mpath = model_dir(run_dir, config.model.filename)
-    out_dir = run_dir / EVALUATE_DIR
-    manifest = Manifest(
-        stage="evaluate",
-        config_hash=config_hash(config, sections=_CONFIG_SECTIONS),
-        inputs=_inputs(run_dir, mpath),
-    )
-    old = read_manifest(out_dir)
-    if not force and manifest.matches(old) and (out_dir / METRICS_FILE).is_file():
-        import json
-
-        done = json.loads((out_dir / METRICS_FILE).read_text())
-        logger.info(
-            "evaluate: skipped, %s matches the config and embedding", out_dir / MANIFEST_FILE
-        )
-        return EvaluateResult(run_dir, skipped=True, metrics=done)
-    timer = StageTimer()
-    manifest.started = timer.started
-    config_yaml = dump_config(config)
-    write_run_config(run_dir, config_yaml)
-    out_dir = stage_dir(run_dir, EVALUATE_DIR)
-    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
-    timings: dict[str, float] = {}
-
     latent, joinids = load_embedding(run_dir)
-    genes = model_var_names(mpath)
-    batch_parts = list(config.anndata.batch_key)
-    eval_keys = [k for k in ev.batch_keys if k != BATCH_KEY]
-    label = ev.label_key
-    with open_census(config) as census:
-        exp = get_experiment(census, config.census.organism)
-        t = time.perf_counter()
-        obs = read_obs(exp, joinids, [label, *batch_parts, *eval_keys])
-        sample = stratified_sample(
-            obs[label].astype(str).to_numpy(), n=ev.sample_size, seed=ev.seed
-        )
-        obs = obs.iloc[sample].reset_index(drop=True)
-        counts = read_counts(exp, obs["soma_joinid"].to_numpy(np.int64), list(genes))
-        timings["read"] = time.perf_counter() - t
-    from census_scvi.batches import batch_labels
+    with run_stage(
+        run_dir,
+        EVALUATE_DIR,
+        config=config,
+        sections=_CONFIG_SECTIONS,
+        inputs=_inputs(config, run_dir, mpath),
+        force=force,
+    ) as run:
+        if run.skipped:
+            return EvaluateResult(run_dir, skipped=True, metrics=_previous_metrics(run.dir))
+        timings: dict[str, float] = {}
+        genes = model_var_names(mpath)
+        sample = _read_sample(config, joinids, list(genes), timings)
+        embeddings = _embeddings(config.evaluate, latent, sample, timings)
+        metrics = _scores(config.evaluate, embeddings, sample, timings)
+        metrics = {
+            "n_cells_embedded": int(joinids.size),
+            "n_cells_sampled": int(sample.positions.size),
+            "n_genes": len(genes),
+            "n_pcs": int(embeddings[PCA].shape[1]),
+            **metrics,
+            "census": _census_info(config),
+        }
+        _pictures(config.evaluate, embeddings[SCVI], sample, run.dir, timings)
+        metrics["seconds"] = {k: round(v, 2) for k, v in timings.items()}
+        _write_reports(config, run_dir, mpath, metrics, list(embeddings))
+        seconds = time.perf_counter() - t0
+        _record(run, metrics, timings, seconds)
+    logger.info(
+        "evaluate: done in %.1f s; report %s", seconds, run_dir / EVALUATE_DIR / REPORT_FILE
+    )
+    return EvaluateResult(run_dir, metrics=metrics, seconds=seconds)
 
-    obs[BATCH_KEY] = batch_labels(obs, batch_parts, config.anndata.batch_key_separator)
-    z = np.asarray(latent[sample], dtype=np.float32)
+
+def _inputs(config: Config, run_dir: Path, model_path: Path) -> dict[str, str]:
+    """The census, the model and the embedding: a change to any redoes the evaluation."""
+    from census_scvi.soma import census_fingerprint
+
+    embed = run_dir / EMBED_DIR
+    inputs = {"census": census_fingerprint(config), "model": file_hash(model_path)}
+    if (embed / MANIFEST_FILE).is_file():
+        inputs["embed_manifest"] = file_hash(embed / MANIFEST_FILE)
+    else:  # embedding written by hand or by an older version: hash the arrays themselves
+        inputs["latent"] = file_hash(embed / LATENT_FILE, max_bytes=1 << 28)
+        inputs["latent_idx"] = file_hash(embed / LATENT_IDX_FILE)
+    return inputs
+
+
+def _previous_metrics(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / METRICS_FILE
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError) as e:
+        msg = f"{path} is unreadable ({e}) although the manifest says evaluate finished"
+        raise CensusScviError(msg, hint="rerun with --force") from None
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
     t = time.perf_counter()
-    pcs = pca_baseline(counts, n_pcs=ev.n_pcs, seed=ev.seed)
-    timings["pca"] = time.perf_counter() - t
-    labels = obs[label].astype(str).to_numpy()
+    yield
+    timings[name] = time.perf_counter() - t
+
+
+# ---- step 1: the sampled cells ------------------------------------------------------------
+@dataclass
+class _Sample:
+    """The evaluated cells: their rows of the embedding, obs, and raw counts of the model's genes."""
+
+    positions: npt.NDArray[np.int64]
+    obs: pd.DataFrame
+    counts: ad.AnnData
+    labels: npt.NDArray[np.str_]
+    batches: dict[str, npt.NDArray[np.str_]]
+
+
+def _read_sample(
+    config: Config, joinids: npt.NDArray[np.int64], genes: list[str], timings: dict[str, float]
+) -> _Sample:
+    """Draw the stratified sample, read its obs and counts; build its labels and batch keys."""
+    from census_scvi.batches import batch_labels
+    from census_scvi.soma import get_experiment, open_census, read_counts, read_obs
+
+    ev = config.evaluate
+    parts = list(config.anndata.batch_key)
+    eval_keys = [k for k in ev.batch_keys if k != BATCH_KEY]
+    with open_census(config) as census, _timed(timings, "read"):
+        exp = get_experiment(census, config.census.organism)
+        obs = read_obs(exp, joinids, [ev.label_key, *parts, *eval_keys])
+        positions = stratified_sample(
+            obs[ev.label_key].astype(str).to_numpy(), n=ev.sample_size, seed=ev.seed
+        )
+        obs = obs.iloc[positions].reset_index(drop=True)
+        counts = read_counts(exp, obs["soma_joinid"].to_numpy(np.int64), genes)
+    obs[BATCH_KEY] = batch_labels(obs, parts, config.anndata.batch_key_separator)
+    labels = obs[ev.label_key].astype(str).to_numpy()
     if np.unique(labels).size < 2:
         msg = (
-            f"evaluate.label_key '{label}' has a single value in the sampled cells ({labels[0]!r})"
+            f"evaluate.label_key '{ev.label_key}' has a single value in the sampled cells "
+            f"({labels[0]!r})"
         )
         raise CensusScviError(msg, hint="set evaluate.label_key to a column with several labels")
-    embeddings = {SCVI: z, PCA: pcs}
     batches = {
-        BATCH_KEY: obs[BATCH_KEY].to_numpy(),
+        BATCH_KEY: obs[BATCH_KEY].astype(str).to_numpy(),
         **{k: obs[k].astype(str).to_numpy() for k in eval_keys},
     }
+    return _Sample(positions, obs, counts, labels, batches)
 
-    t = time.perf_counter()
-    scores, scib_seconds = benchmark(
-        embeddings, labels=labels, batches=batches, baseline=PCA, skip_metrics=ev.skip_metrics
-    )
-    timings["scib"] = time.perf_counter() - t
-    timings.update({f"scib[{k}]": v for k, v in scib_seconds.items()})
-    t = time.perf_counter()
-    classifier = {
-        name: classifier_accuracy(emb, labels, test_size=ev.test_size, seed=ev.seed)
-        for name, emb in embeddings.items()
-    }
-    timings["classifier"] = time.perf_counter() - t
 
-    first = next(iter(scores), None)
-    aggregate = (
-        {
-            name: {
-                k: v
-                for k, v in scores[first][name].items()
-                if k in ("Bio conservation", "Batch correction", "Total")
-            }
-            for name in embeddings
+# ---- step 2: the embeddings scored --------------------------------------------------------
+def _embeddings(
+    ev: EvaluateConfig, latent: npt.NDArray[np.float32], sample: _Sample, timings: dict[str, float]
+) -> dict[str, npt.NDArray[np.float32]]:
+    """The scVI latent of the sampled cells and the PCA baseline of their counts."""
+    z = np.asarray(latent[sample.positions], dtype=np.float32)
+    with _timed(timings, "pca"):
+        pcs = pca_baseline(sample.counts, n_pcs=ev.n_pcs, seed=ev.seed)
+    return {SCVI: z, PCA: pcs}
+
+
+# ---- step 3: the scores -------------------------------------------------------------------
+def _scores(
+    ev: EvaluateConfig,
+    embeddings: Mapping[str, npt.NDArray[np.float32]],
+    sample: _Sample,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """scib-metrics and cell-type classifiers: the scoring part of metrics.json."""
+    labels, batches = sample.labels, sample.batches
+    with _timed(timings, "scib"):
+        scib = benchmark(
+            embeddings, labels=labels, batches=batches, baseline=PCA, skip_metrics=ev.skip_metrics
+        )
+    timings.update({f"scib[{k}]": v for k, v in scib.seconds.items()})
+    with _timed(timings, "classifier"):
+        classifier = {
+            name: classifier_accuracy(
+                emb, labels, test_size=ev.test_size, n_neighbors=_KNN_K, seed=ev.seed
+            )
+            for name, emb in embeddings.items()
         }
-        if first
-        else {}
-    )
-    census_info = {
-        "uri": config.census_uri(),
-        "version": None if config.census_uri() else config.census.version,
-        "organism": config.census.organism,
-        "model_filter": config.model_obs_filter(),
-        "batch_key": config.anndata.batch_key_separator.join(batch_parts)
-        if config.anndata.batch_key_separator
-        else "+".join(batch_parts),
+    first = next(iter(scib.scores), None)
+    aggregate = {
+        name: {k: v for k, v in scib.scores[first][name].items() if k in AGGREGATES}
+        for name in embeddings
+        if first is not None
     }
-    metrics: dict[str, Any] = {
-        "n_cells_embedded": int(joinids.size),
-        "n_cells_sampled": int(sample.size),
-        "n_genes": len(genes),
-        "n_pcs": int(pcs.shape[1]),
-        "label_key": label,
+    return {
+        "label_key": ev.label_key,
         "n_labels": int(np.unique(labels).size),
         "batch_keys": list(batches),
         "n_batches": {k: int(np.unique(v).size) for k, v in batches.items()},
         "aggregate": aggregate,
-        "scib": scores,
+        "scib": scib.scores,
         "classifier": classifier,
         "metrics_skipped": list(ev.skip_metrics),
-        "census": census_info,
     }
 
-    t = time.perf_counter()
-    coords = umap_coords(z, seed=ev.seed)
-    panels = {label: labels, **{k: obs[k].astype(str).to_numpy() for k in eval_keys}}
-    with atomic_path(out_dir / UMAP_FILE) as tmp:
-        draw_umap(coords, panels, tmp, title="scVI latent")
-    timings["umap"] = time.perf_counter() - t
-    metrics["seconds"] = {k: round(v, 2) for k, v in timings.items()}
 
+# ---- step 4: the picture ------------------------------------------------------------------
+def _pictures(
+    ev: EvaluateConfig,
+    z: npt.NDArray[np.float32],
+    sample: _Sample,
+    out_dir: Path,
+    timings: dict[str, float],
+) -> None:
+    """``umap.png``: the scVI latent coloured by the label and each evaluated batch part."""
+    from census_scvi.plots import draw_umap, umap_coords
+
+    panels = {ev.label_key: sample.labels}
+    panels.update({k: v for k, v in sample.batches.items() if k != BATCH_KEY})
+    with _timed(timings, "umap"):
+        coords = umap_coords(z, seed=ev.seed)
+        with atomic_path(out_dir / UMAP_FILE) as tmp:
+            draw_umap(coords, panels, tmp, title="scVI latent")
+
+
+# ---- step 5: the reports and the manifest -------------------------------------------------
+def _census_info(config: Config) -> dict[str, Any]:
+    parts = list(config.anndata.batch_key)
+    sep = config.anndata.batch_key_separator
+    return {
+        "uri": config.census_uri(),
+        "version": None if config.census_uri() else config.census.version,
+        "organism": config.census.organism,
+        "model_filter": config.model_obs_filter(),
+        "batch_key": sep.join(parts) if sep else "+".join(parts),
+    }
+
+
+def _write_reports(
+    config: Config,
+    run_dir: Path,
+    model_path: Path,
+    metrics: dict[str, Any],
+    embeddings: list[str],
+) -> None:
+    """``metrics.json``, ``report.md`` and ``model_card.md``."""
+    from census_scvi.config import dump_config
+
+    out_dir = run_dir / EVALUATE_DIR
     write_json_atomic(out_dir / METRICS_FILE, metrics)
     with atomic_path(out_dir / REPORT_FILE) as tmp:
-        tmp.write_text(report_markdown(metrics, embeddings=list(embeddings)))
-    facts, history = _model_facts(mpath, config)
+        tmp.write_text(report_markdown(metrics, embeddings=embeddings))
+    facts, history = model_facts(model_path, config.model)
     card = model_card_markdown(
-        config_yaml=config_yaml,
-        census=census_info,
+        config_yaml=dump_config(config),
+        census=metrics["census"],
         metrics=metrics,
-        n_genes=len(genes),
-        n_train_cells=_n_train_cells(run_dir),
+        n_genes=metrics["n_genes"],
+        n_train_cells=n_train_cells(run_dir),
         history=history,
         model_summary=facts,
-        versions={**package_versions(), **_extra_versions()},
+        versions={**package_versions(), **extra_versions()},
     )
     with atomic_path(out_dir / MODEL_CARD_FILE) as tmp:
         tmp.write_text(card)
 
-    seconds = time.perf_counter() - t0
-    manifest.census = census_info
-    manifest.figures = {
-        "n_cells_embedded": int(joinids.size),
-        "n_cells_sampled": int(sample.size),
-        "n_genes": len(genes),
-        "aggregate": aggregate,
-        "seconds": round(seconds, 2),
-        "peak_rss_bytes": peak_rss_bytes(),
-        **{f"seconds_{k}": round(v, 2) for k, v in timings.items()},
-    }
-    manifest.outputs = {
-        name: file_hash(out_dir / name)
-        for name in (METRICS_FILE, REPORT_FILE, UMAP_FILE, MODEL_CARD_FILE)
-    }
-    write_manifest(out_dir, manifest)
-    logger.info("evaluate: done in %.1f s; report %s", seconds, out_dir / REPORT_FILE)
-    return EvaluateResult(run_dir, metrics=metrics, seconds=seconds)
 
-
-def _extra_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {}
-    for name in ("scib-metrics", "jax", "scikit-learn"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
+def _record(
+    run: StageRun, metrics: Mapping[str, Any], timings: Mapping[str, float], seconds: float
+) -> None:
+    """What the manifest says: the key figures, the census, and each output's hash."""
+    outputs = {name: run.dir / name for name in _OUTPUTS}
+    run.record(
+        figures={
+            "n_cells_embedded": metrics["n_cells_embedded"],
+            "n_cells_sampled": metrics["n_cells_sampled"],
+            "n_genes": metrics["n_genes"],
+            "aggregate": metrics["aggregate"],
+            "seconds": round(seconds, 2),
+            "peak_rss_bytes": peak_rss_bytes(),
+            **{f"seconds_{k}": round(v, 2) for k, v in timings.items()},
+        },
+        outputs=outputs,
+        census=metrics["census"],
+        listed={name: file_hash(path) for name, path in outputs.items()},
+    )
