@@ -83,7 +83,7 @@ def child(mode: str, h5ad: str, out: str, columns: str) -> dict[str, float]:
 
         tio.from_h5ad(out, h5ad, "RNA", X_layer_name="raw", uns_keys=[])
     elif mode in ("build", "append", "build-100M"):
-        import census_scvi.build._soma as bs
+        import census_scvi.build._ingest as bs
         from census_scvi.build import build_census
 
         if mode == "build-100M":  # tiledbsoma's default write chunk, for comparison

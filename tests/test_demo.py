@@ -258,3 +258,80 @@ def test_presence_matrix_rows_are_dataset_joinids(mini_census):
             obs = exp.obs.read(column_names=["dataset_id"]).concat().to_pandas()
             ids = set(datasets.set_index("soma_joinid").loc[rows, "dataset_id"])
             assert ids == set(obs["dataset_id"].unique()), org
+
+
+def test_one_schema_with_build_census(mini_census, tmp_path):
+    """The mini census and build-census write through one writer: same schema version, same
+    census_info tables and column types, obs/var columns in the schema's order."""
+    import anndata as ad
+    import pandas as pd
+
+    from census_scvi.build import build_census
+    from census_scvi.soma._schema import OBS_COLUMNS, SCHEMA_VERSION, VAR_COLUMNS
+
+    x = sp.csr_matrix(np.random.default_rng(0).poisson(1.0, (20, 8)).astype(np.float32))
+    var = pd.DataFrame(index=[f"ENSG{i:011d}" for i in range(1, 9)])
+    ad.AnnData(X=x, obs=pd.DataFrame(index=[f"c{i}" for i in range(20)]), var=var).write_h5ad(
+        tmp_path / "a.h5ad"
+    )
+    built = tmp_path / "built"
+    build_census(str(built), [tmp_path / "a.h5ad"])
+
+    def info(uri):
+        with cellxgene_census.open_soma(uri=str(uri)) as census:
+            tables = {k: census["census_info"][k].schema for k in census["census_info"]}
+            summary = census["census_info"]["summary"].read().concat().to_pandas()
+            counts = census["census_info"]["summary_cell_counts"].read().concat().to_pandas()
+            exp = census["census_data"]["homo_sapiens"]
+            names = (exp.obs.schema.names, exp.ms["RNA"].var.schema.names)
+        return tables, dict(zip(summary["label"], summary["value"], strict=True)), counts, names
+
+    mini_tables, mini_summary, mini_counts, (mini_obs, mini_var) = info(mini_census)
+    built_tables, built_summary, _, (built_obs, built_var) = info(built)
+    assert mini_tables.keys() == built_tables.keys()
+    for key, schema in mini_tables.items():
+        assert schema.names == built_tables[key].names, key
+        assert schema.types == built_tables[key].types, key
+    assert mini_summary["census_schema_version"] == built_summary["census_schema_version"]
+    assert mini_summary["census_schema_version"] == SCHEMA_VERSION
+    assert mini_summary["census_scvi_mini_census_seed"] == "0"
+    census_obs = [c for c, _ in OBS_COLUMNS]
+    assert mini_obs == ["soma_joinid", *census_obs]
+    assert [c for c in built_obs if c in census_obs] == census_obs
+    assert mini_var == ["soma_joinid", *(c for c, _ in VAR_COLUMNS)]
+    # summary_cell_counts from obs, as build-census counts them: an "all" row per organism
+    all_rows = mini_counts[mini_counts["category"] == "all"].set_index("organism")
+    assert all_rows.loc["Homo sapiens", "total_cell_count"] == 3000
+    assert {"cell_type", "assay", "sex"} <= set(mini_counts["category"])
+
+
+@pytest.mark.parametrize("n_genes", [300, 5000])
+def test_counts_writer_global_order_round_trips(tmp_path, n_genes):
+    """CountsWriter puts row-major pieces in TileDB's global order (several column tiles too)."""
+    from census_scvi.soma._writer import (
+        X_TILE,
+        CountsWriter,
+        create_census_root,
+        create_experiment,
+    )
+
+    root = tmp_path / "c"
+    create_census_root(root, created_by="test")
+    ms = f"{create_experiment(f'{root}/census_data', 'homo_sapiens')}/ms/RNA"
+    n_cells = X_TILE + 700  # two row tiles
+    rng = np.random.default_rng(0)
+    dense = (rng.random((n_cells, n_genes)) < 0.01) * rng.integers(1, 9, (n_cells, n_genes))
+    dense = dense.astype(np.float32)
+    with CountsWriter(ms, (n_cells, n_genes), buffer_nnz=20_000) as w:
+        for start in range(0, n_cells, 1000):  # pieces that do not align with the tiles
+            r, c = np.nonzero(dense[start : start + 1000])
+            w.append(r + start, c, dense[start : start + 1000][r, c])
+        with pytest.raises(ValueError, match="row order"):
+            w.append(np.array([0]), np.array([0]), np.array([1.0], np.float32))
+    with soma.open(f"{ms}/X/raw") as x:
+        t = x.read().tables().concat()
+        got = sp.csr_matrix(
+            (t["soma_data"].to_numpy(), (t["soma_dim_0"].to_numpy(), t["soma_dim_1"].to_numpy())),
+            shape=(n_cells, n_genes),
+        )
+    np.testing.assert_array_equal(got.toarray(), dense)

@@ -4,8 +4,9 @@ Each input h5ad becomes one ``dataset_id`` in ``census_data/<organism>`` of a SO
 out like the CELLxGENE Census (``census_info/{summary, datasets, summary_cell_counts,
 organisms}``), so ``cellxgene_census.open_soma(uri=OUT_URI)`` and every census-scvi stage
 (``census.uri: OUT_URI``) work on it. Ingestion uses tiledbsoma's multi-file append workflow
-(``tiledbsoma.io.register_anndatas`` + ``from_anndata``); see :mod:`census_scvi.build._soma` for
-the staging that keeps an existing census intact when a build fails.
+(``tiledbsoma.io.register_anndatas`` + ``from_anndata``); see :mod:`census_scvi.build._staging` for
+the staging that keeps an existing census intact when a build fails. The presence matrix and
+census_info are written by the SOMA writer the mini census uses too (:mod:`census_scvi.soma._writer`).
 """
 
 from __future__ import annotations
@@ -18,34 +19,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from census_scvi.build._input import (
-    PreparedDataset,
-    load_columns_map,
-    peek_dataset_id,
-    prepare_h5ad,
-)
-from census_scvi.build._soma import (
-    clone_census,
-    create_census_root,
+from census_scvi.build._existing import (
+    dataset_ids_in,
     dataset_organisms,
-    drop_member,
     export_chunks,
     gene_nnz,
     has_obs_key,
-    ingest,
-    read_dataframe,
     read_presence,
+)
+from census_scvi.build._h5ad import load_columns_map, peek_dataset_id
+from census_scvi.build._ingest import ingest, write_presence, write_var_stats
+from census_scvi.build._input import PreparedDataset, prepare_h5ad
+from census_scvi.build._staging import (
+    clone_census,
+    create_staging_root,
     staging_path,
     swap_into_place,
-    write_census_info,
-    write_presence,
-    write_var_stats,
 )
-from census_scvi.constants import CENSUS_DATA, CENSUS_INFO
+from census_scvi.constants import CENSUS_DATA, CENSUS_INFO, MEASUREMENT
 from census_scvi.errors import CensusScviError
 from census_scvi.progress import track
+from census_scvi.soma._census_info import write_census_info
+from census_scvi.soma._frames import read_dataframe
 from census_scvi.soma._open import experiment_name
 from census_scvi.soma._schema import DATASET_COLUMNS, UNKNOWN
+from census_scvi.soma._writer import drop_member
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -203,8 +201,64 @@ def build_census(
     from census_scvi.rundir import peak_rss_bytes
 
     t0 = time.perf_counter()
-    out = _check_out_uri(os.fspath(out_uri))
-    paths = [Path(p).expanduser() for p in h5ads]
+    plan = _plan(
+        _check_out_uri(os.fspath(out_uri)),
+        [Path(p).expanduser() for p in h5ads],
+        organism=organism,
+        columns=load_columns_map(None if columns is None else Path(columns)),
+        append=append,
+        replace=replace,
+    )
+    staging = staging_path(plan.out, "staging")
+    try:
+        if plan.existed:
+            clone_census(plan.out, staging)
+        else:
+            plan.out.parent.mkdir(parents=True, exist_ok=True)
+            create_staging_root(staging)
+        result = _build(staging, plan, gene_ids=gene_ids, counts_layer=counts_layer)
+        swap_into_place(staging, plan.out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    result.created = not plan.existed
+    result.seconds = time.perf_counter() - t0
+    result.peak_rss_bytes = peak_rss_bytes()
+    return result
+
+
+# ------------------------------------------------------------------------------------------
+# the plan: every check that needs no write, so a bad input fails before any work
+# ------------------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    """What a build will do, decided from the inputs and the existing census."""
+
+    out: Path
+    org: str
+    paths: list[Path]
+    ids: list[str]
+    """dataset_id per input."""
+    conflicts: list[str]
+    """Input dataset ids already in the census (replaced)."""
+    existed: bool
+    old_datasets: pd.DataFrame | None
+    old_summary: dict[str, str]
+    columns: dict[str, str]
+
+
+def _plan(
+    out: Path,
+    paths: list[Path],
+    *,
+    organism: str,
+    columns: dict[str, str],
+    append: bool,
+    replace: bool,
+) -> _Plan:
+    """Check the inputs, the organism and the dataset ids against the existing census."""
     if not paths:
         msg = "build-census needs at least one input h5ad"
         raise CensusScviError(msg)
@@ -216,22 +270,17 @@ def build_census(
     if not org.replace("_", "").isalnum():
         msg = f"organism '{organism}' is not a valid experiment name"
         raise CensusScviError(msg, hint="e.g. homo_sapiens or 'Mus musculus'")
-    colmap = load_columns_map(None if columns is None else Path(columns))
     existed = out.exists()
     if existed and not append:
         msg = f"{out} already exists"
         raise CensusScviError(msg, hint="pass --append to add datasets to it, or choose a new path")
-
     # which datasets: ids first (cheap), so conflicts fail before any work
-    ids: list[str] = []
-    for p in paths:
-        dsid, _ = peek_dataset_id(p, colmap)
-        ids.append(dsid)
+    ids = [peek_dataset_id(p, columns)[0] for p in paths]
     dups = sorted({d for d in ids if ids.count(d) > 1})
     if dups:
         msg = f"several inputs have the same dataset_id: {', '.join(dups)}"
         raise CensusScviError(msg, hint="rename the files or set uns['dataset_id'] in each")
-    old_datasets, old_summary, holders = _existing(out) if existed else (None, None, {})
+    old_datasets, old_summary, holders = _existing(out) if existed else (None, {}, {})
     conflicts = [d for d in ids if d in holders]
     if conflicts and not replace:
         msg = f"dataset_id(s) already in the census: {', '.join(conflicts)}"
@@ -240,208 +289,224 @@ def build_census(
     if elsewhere:
         msg = f"dataset_id(s) {', '.join(elsewhere)} belong to another organism in this census"
         raise CensusScviError(msg, hint="give the new files other dataset ids")
-
-    staging = staging_path(out, "staging")
-    try:
-        if existed:
-            clone_census(out, staging)
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            create_census_root(staging)
-        result = _build(
-            staging,
-            out,
-            org,
-            paths,
-            ids,
-            conflicts,
-            old_datasets,
-            old_summary,
-            gene_ids=gene_ids,
-            counts_layer=counts_layer,
-            columns=colmap,
-        )
-        swap_into_place(staging, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    result.created = not existed
-    result.seconds = time.perf_counter() - t0
-    result.peak_rss_bytes = peak_rss_bytes()
-    return result
+    return _Plan(out, org, paths, ids, conflicts, existed, old_datasets, old_summary, columns)
 
 
-def _existing(out: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None, dict[str, str]]:
-    """The existing census's datasets table, summary and ``dataset_id -> organism``."""
+def _existing(out: Path) -> tuple[pd.DataFrame | None, dict[str, str], dict[str, str]]:
+    """The existing census's datasets table, summary labels and ``dataset_id -> organism``."""
     from census_scvi.soma._open import open_census_uri
 
     census = open_census_uri(str(out))
     try:
-        datasets = summary = None
+        datasets = None
+        summary: dict[str, str] = {}
         if CENSUS_INFO in census:
             info = census[CENSUS_INFO]
             if "datasets" in info:
                 datasets = read_dataframe(info["datasets"])
             if "summary" in info:
-                summary = read_dataframe(info["summary"])
+                frame = read_dataframe(info["summary"])
+                if {"label", "value"} <= set(frame.columns):
+                    labels, values = frame["label"].astype(str), frame["value"].astype(str)
+                    summary = dict(zip(labels, values, strict=True))
         holders = dataset_organisms(census)
     finally:
         census.close()
     return datasets, summary, holders
 
 
-def _datasets_frame(old: pd.DataFrame | None) -> pd.DataFrame:
-    import pandas as pd
+# ------------------------------------------------------------------------------------------
+# the build, in the staging census
+# ------------------------------------------------------------------------------------------
+class _DatasetsTable:
+    """census_info/datasets being rebuilt: the old rows, in place, then the new ones."""
 
-    names = [c for c, _ in DATASET_COLUMNS]
-    if old is None or len(old) == 0:
-        return pd.DataFrame({c: pd.Series(dtype=object) for c in names})
-    frame = old.drop(columns=[c for c in ("soma_joinid",) if c in old.columns])
-    for c, kind in DATASET_COLUMNS:
-        if c not in frame.columns:
-            frame[c] = 0 if kind == "int64" else ""
-    return frame[names].reset_index(drop=True)
+    def __init__(self, old: pd.DataFrame | None) -> None:
+        import pandas as pd
+
+        names = [c for c, _ in DATASET_COLUMNS]
+        if old is None or len(old) == 0:
+            self.frame = pd.DataFrame({c: pd.Series(dtype=object) for c in names})
+        else:
+            frame = old.drop(columns=[c for c in ("soma_joinid",) if c in old.columns])
+            for c, kind in DATASET_COLUMNS:
+                if c not in frame.columns:
+                    frame[c] = 0 if kind == "int64" else ""
+            self.frame = frame[names].reset_index(drop=True)
+        self.row_of = {str(d): i for i, d in enumerate(self.frame["dataset_id"])}
+
+    def set(self, dsid: str, values: dict[str, Any] | None = None) -> int:
+        """Write the row of ``dsid`` (appended when new; blank columns when ``values`` is None)."""
+        if values is None:
+            values = {"dataset_id": dsid}
+        row = [values.get(c, 0 if kind == "int64" else "") for c, kind in DATASET_COLUMNS]
+        if dsid not in self.row_of:
+            self.row_of[dsid] = len(self.frame)
+            self.frame.loc[len(self.frame)] = row
+        else:
+            self.frame.loc[self.row_of[dsid]] = row
+        return self.row_of[dsid]
+
+    def set_cell_counts(self, obs_dataset_ids: pd.Series) -> None:
+        """``dataset_total_cell_count`` from the experiment's obs ``dataset_id`` column."""
+        import pandas as pd
+
+        counts = pd.to_numeric(self.frame["dataset_total_cell_count"]).astype("int64")
+        self.frame["dataset_total_cell_count"] = counts
+        for d, n in obs_dataset_ids.value_counts().items():
+            self.frame.at[self.row_of[str(d)], "dataset_total_cell_count"] = int(n)
+
+
+@dataclass
+class _Current:
+    """The organism's experiment in the staging census before this build."""
+
+    presence: tuple[Any, Any, Any] | None = None
+    dataset_ids: list[str] = field(default_factory=list)
+    rebuild: bool = False
+    """SOMA cannot delete cells, and a census built elsewhere lacks the registration key: both
+    rebuild the organism's experiment (cells and genes keep their order)."""
+
+
+def _current(exp_uri: str, conflicts: list[str]) -> _Current:
+    import tiledbsoma as soma
+
+    if not soma.Experiment.exists(exp_uri):
+        return _Current()
+    with soma.Experiment.open(exp_uri) as exp:
+        return _Current(
+            presence=read_presence(exp),
+            dataset_ids=dataset_ids_in(exp),
+            rebuild=bool(conflicts) or not has_obs_key(exp),
+        )
+
+
+@dataclass
+class _Ingested:
+    added: list[tuple[int, PreparedDataset]] = field(default_factory=list)
+    """(datasets-table row, dataset) per input."""
+    reports: list[DatasetReport] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    schema_versions: set[str] = field(default_factory=set)
 
 
 def _build(
-    staging: Path,
-    out: Path,
-    org: str,
-    paths: list[Path],
-    ids: list[str],
-    conflicts: list[str],
-    old_datasets: pd.DataFrame | None,
-    old_summary: pd.DataFrame | None,
-    *,
-    gene_ids: str | None,
-    counts_layer: str | None,
-    columns: dict[str, str],
+    staging: Path, plan: _Plan, *, gene_ids: str | None, counts_layer: str | None
 ) -> BuildResult:
-    import pandas as pd
+    """Ingest the inputs into ``staging``, then the census-wide columns and census_info."""
     import tiledbsoma as soma
 
-    data_uri = f"{staging}/{CENSUS_DATA}"
-    exp_uri = f"{data_uri}/{org}"
-    table = _datasets_frame(old_datasets)
-    row_of = {str(d): i for i, d in enumerate(table["dataset_id"])}
-    old_presence = None
-    rebuild = False
-    present: list[str] = []
-    if soma.Experiment.exists(exp_uri):
-        with soma.Experiment.open(exp_uri) as exp:
-            old_presence = read_presence(exp)
-            present = _dataset_ids_in(exp)
-            # SOMA cannot delete cells, and a census built elsewhere lacks the registration key:
-            # both rebuild the organism's experiment (cells and genes keep their order)
-            rebuild = bool(conflicts) or not has_obs_key(exp)
-    for d in present:  # a census built elsewhere may lack datasets-table rows
-        if d not in row_of:
-            row_of[d] = len(table)
-            table.loc[len(table)] = [
-                d if c == "dataset_id" else (0 if kind == "int64" else "")
-                for c, kind in DATASET_COLUMNS
-            ]
-    kept = [d for d in present if d not in conflicts]
+    exp_uri = f"{staging}/{CENSUS_DATA}/{plan.org}"
+    table = _DatasetsTable(plan.old_datasets)
+    current = _current(exp_uri, plan.conflicts)
+    for d in current.dataset_ids:  # a census built elsewhere may lack datasets-table rows
+        if d not in table.row_of:
+            table.set(d)
+    kept = [d for d in current.dataset_ids if d not in plan.conflicts]
     removed = None
-    if rebuild:
+    if current.rebuild:
         # (the old presence rows of kept datasets stay valid: var keeps its soma_joinids)
-        removed = _rebuild(out, staging, org, conflicts, row_of, old_presence)
-
-    added: list[tuple[int, PreparedDataset]] = []
-    reports: list[DatasetReport] = []
-    warnings: list[str] = []
-    schema_versions: set[str] = set()
-    for path, dsid in track(list(zip(paths, ids, strict=True)), description="ingesting"):
-        logger.info("ingesting %s as dataset %s", path.name, dsid)
-        ds = prepare_h5ad(
-            path, organism=org, gene_ids=gene_ids, counts_layer=counts_layer, columns=columns
-        )
-        ingest(data_uri, org, ds.adata, label=f"{path.name} (dataset {dsid})")
-        values = {**ds.info, "dataset_id": dsid, "dataset_total_cell_count": ds.n_cells}
-        if dsid not in row_of:
-            row = len(table)
-            table.loc[row] = [values.get(c, "") for c, _ in DATASET_COLUMNS]
-            row_of[dsid] = row
-        else:
-            row = row_of[dsid]
-            for c, _ in DATASET_COLUMNS:
-                table.at[row, c] = values.get(c, "")
-        if ds.schema_version:
-            schema_versions.add(ds.schema_version)
-        if ds.symbol_keyed:
-            warnings.append(
-                f"{path.name}: genes look like symbols, not Ensembl ids (use --gene-ids COLUMN)"
-            )
-        reports.append(
-            DatasetReport(
-                dataset_id=dsid,
-                path=str(path),
-                n_cells=ds.n_cells,
-                n_genes=ds.n_genes,
-                counts_source=ds.source,
-                n_genes_in=ds.n_genes_in,
-                n_missing_ids=ds.n_missing_ids,
-                n_merged_ids=ds.n_merged_ids,
-                symbol_keyed=ds.symbol_keyed,
-                placeholders=ds.placeholders,
-                mapped=ds.mapped,
-                replaced=dsid in conflicts,
-            )
-        )
-        ds.release()
-        added.append((row, ds))
+        removed = _rebuild(staging, plan, table.row_of, current.presence)
+    done = _ingest_inputs(staging, plan, table, gene_ids=gene_ids, counts_layer=counts_layer)
 
     # census-wide columns and tables; cell counts of this organism's datasets from obs
     with soma.Experiment.open(exp_uri) as exp:
         obs_ids = read_dataframe(exp.obs, ["dataset_id"])["dataset_id"].astype(str)
-    table["dataset_total_cell_count"] = pd.to_numeric(table["dataset_total_cell_count"]).astype(
-        "int64"
-    )
-    for d, n in obs_ids.value_counts().items():
-        table.at[row_of[str(d)], "dataset_total_cell_count"] = int(n)
-    var = write_var_stats(exp_uri, (ds for _, ds in added), removed)
+    table.set_cell_counts(obs_ids)
+    var = write_var_stats(exp_uri, (ds for _, ds in done.added), removed)
     write_presence(
         exp_uri,
         staging,
-        shape=(max(len(table), 1), max(len(var), 1)),
-        old=old_presence,
-        keep_rows=[row_of[d] for d in kept],
-        new=added,
+        shape=(max(len(table.frame), 1), max(len(var), 1)),
+        old=current.presence,
+        keep_rows=[table.row_of[d] for d in kept],
+        new=done.added,
         var=var,
     )
-    old_version = None
-    if old_summary is not None and "label" in old_summary.columns:
-        match = old_summary.loc[old_summary["label"] == "dataset_schema_version", "value"]
-        old_version = str(match.iloc[0]) if len(match) else None
-    versions = schema_versions | (
-        {old_version} if old_version and old_version != UNKNOWN else set()
-    )
-    version = versions.pop() if len(versions) == 1 else UNKNOWN
     total, _ = write_census_info(
-        staging, datasets=table, old_summary=old_summary, dataset_schema_version=version
+        staging,
+        datasets=table.frame,
+        summary=plan.old_summary,
+        dataset_schema_version=_schema_version(done.schema_versions, plan.old_summary),
     )
     return BuildResult(
-        uri=str(out),
-        organism=org,
+        uri=str(plan.out),
+        organism=plan.org,
         created=False,
-        datasets=reports,
+        datasets=done.reports,
         kept_datasets=len(kept),
         n_cells=len(obs_ids),
         n_genes=len(var),
         total_cells=total,
         seconds=0.0,
         peak_rss_bytes=0,
-        warnings=warnings,
+        warnings=done.warnings,
+    )
+
+
+def _schema_version(found: set[str], old_summary: dict[str, str]) -> str:
+    """The one dataset schema version of the inputs and the existing census, else unknown."""
+    old = old_summary.get("dataset_schema_version")
+    versions = found | ({old} if old and old != UNKNOWN else set())
+    return versions.pop() if len(versions) == 1 else UNKNOWN
+
+
+def _ingest_inputs(
+    staging: Path,
+    plan: _Plan,
+    table: _DatasetsTable,
+    *,
+    gene_ids: str | None,
+    counts_layer: str | None,
+) -> _Ingested:
+    """Prepare and ingest every input, one at a time (each released after ingestion)."""
+    data_uri = f"{staging}/{CENSUS_DATA}"
+    done = _Ingested()
+    for path, dsid in track(list(zip(plan.paths, plan.ids, strict=True)), description="ingesting"):
+        logger.info("ingesting %s as dataset %s", path.name, dsid)
+        ds = prepare_h5ad(
+            path,
+            organism=plan.org,
+            gene_ids=gene_ids,
+            counts_layer=counts_layer,
+            columns=plan.columns,
+        )
+        ingest(data_uri, plan.org, ds.adata, label=f"{path.name} (dataset {dsid})")
+        row = table.set(
+            dsid, {**ds.info, "dataset_id": dsid, "dataset_total_cell_count": ds.n_cells}
+        )
+        if ds.schema_version:
+            done.schema_versions.add(ds.schema_version)
+        if ds.symbol_keyed:
+            done.warnings.append(
+                f"{path.name}: genes look like symbols, not Ensembl ids (use --gene-ids COLUMN)"
+            )
+        done.reports.append(_report(ds, path, dsid, replaced=dsid in plan.conflicts))
+        ds.release()
+        done.added.append((row, ds))
+    return done
+
+
+def _report(ds: PreparedDataset, path: Path, dsid: str, *, replaced: bool) -> DatasetReport:
+    return DatasetReport(
+        dataset_id=dsid,
+        path=str(path),
+        n_cells=ds.n_cells,
+        n_genes=ds.n_genes,
+        counts_source=ds.source,
+        n_genes_in=ds.n_genes_in,
+        n_missing_ids=ds.n_missing_ids,
+        n_merged_ids=ds.n_merged_ids,
+        symbol_keyed=ds.symbol_keyed,
+        placeholders=ds.placeholders,
+        mapped=ds.mapped,
+        replaced=replaced,
     )
 
 
 def _rebuild(
-    out: Path,
     staging: Path,
-    org: str,
-    conflicts: list[str],
+    plan: _Plan,
     row_of: dict[str, int],
     presence: tuple[Any, Any, Any] | None,
 ) -> tuple[Any, Any] | None:
@@ -454,18 +519,19 @@ def _rebuild(
     import tiledbsoma as soma
 
     data_uri = f"{staging}/{CENSUS_DATA}"
-    drop_member(data_uri, org, staging)
-    with soma.Experiment.open(f"{out}/{CENSUS_DATA}/{org}") as exp:
+    drop_member(data_uri, plan.org, staging)
+    with soma.Experiment.open(f"{plan.out}/{CENSUS_DATA}/{plan.org}") as exp:
         obs = read_dataframe(exp.obs, ["soma_joinid", "dataset_id"])
-        gone = obs["dataset_id"].astype(str).isin(conflicts).to_numpy()
-        keep = obs["soma_joinid"].to_numpy()[~gone]
+        joinids = obs["soma_joinid"].to_numpy()
+        obs_ds = obs["dataset_id"].astype(str).to_numpy()
+        keep = joinids[~np.isin(obs_ds, plan.conflicts)]
         if len(keep) == 0:
             return None
-        n_var = int(exp.ms["RNA"].var.count)
+        n_var = int(exp.ms[MEASUREMENT].var.count)
         nnz = np.zeros(n_var, dtype=np.int64)
         measured = np.zeros(n_var, dtype=np.int64)
-        for d in conflicts:
-            rows = obs["soma_joinid"].to_numpy()[obs["dataset_id"].astype(str).to_numpy() == d]
+        for d in plan.conflicts:
+            rows = joinids[obs_ds == d]
             d_nnz = gene_nnz(exp, rows, n_var)
             nnz += d_nnz
             if presence is not None and (presence[0] == row_of[d]).any():
@@ -475,13 +541,5 @@ def _rebuild(
             measured[cols] += len(rows)
         chunks = export_chunks(exp, keep)
         for i, chunk in enumerate(track(chunks, description="re-ingesting kept cells")):
-            ingest(data_uri, org, chunk, label=f"existing cells (chunk {i})")
+            ingest(data_uri, plan.org, chunk, label=f"existing cells (chunk {i})")
     return nnz, measured
-
-
-def _dataset_ids_in(exp: Any) -> list[str]:
-    """The experiment's dataset ids in obs order of first appearance."""
-    if "obs" not in exp:
-        return []
-    ids = read_dataframe(exp.obs, ["soma_joinid", "dataset_id"])["dataset_id"].astype(str)
-    return list(dict.fromkeys(ids))

@@ -1,15 +1,15 @@
-"""Aligning a query's genes to the model's, the overlap report, and the raw-counts checks.
+"""Aligning a query's genes to the model's and the overlap report.
 
 The alignment is one sparse product per chunk, ``X_query @ S`` with ``S`` a 0/1 matrix (query gene
 -> model gene): it reorders, drops genes the model lacks, leaves model genes the query lacks at
 zero and adds up query columns that share one id, without densifying anything. (scvi-tools'
 ``prepare_query_anndata`` pads with a dense block and reports only the gene fraction; we also need
-the fraction of counts and a per-chunk pass for large queries.)
+the fraction of counts and a per-chunk pass for large queries.) The raw-count checks and gene-id
+cleaning are shared with build-census (:mod:`census_scvi.counts`) and re-exported here.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -18,6 +18,13 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from census_scvi.counts import (
+    check_counts,
+    clean_gene_ids,
+    is_versioned_ensembl,
+    log_counts_hint,
+    strip_version,
+)
 from census_scvi.errors import CensusScviError
 
 if TYPE_CHECKING:
@@ -32,8 +39,6 @@ __all__ = [
     "log_counts_hint",
     "query_gene_ids",
 ]
-
-_VERSION = re.compile(r"\.\d+$")
 
 
 @dataclass
@@ -93,12 +98,7 @@ def query_gene_ids(adata: ad.AnnData, gene_ids: str | None) -> npt.NDArray[np.ob
             msg = f"--gene-ids column '{gene_ids}' is not in the query's var; its columns: {cols}"
             raise CensusScviError(msg, hint="omit --gene-ids to use the var index")
         values = pd.Series(adata.var[gene_ids].to_numpy(), dtype=object)
-    out = values.where(values.notna(), None).to_numpy(dtype=object)
-    for i, v in enumerate(out):
-        if v is not None:
-            s = str(v).strip()
-            out[i] = s if s and s.lower() not in ("nan", "none") else None
-    return out
+    return clean_gene_ids(values.to_numpy())
 
 
 def gene_selection(
@@ -116,12 +116,9 @@ def gene_selection(
     import scipy.sparse as sp
 
     model = pd.Index([str(m) for m in model_ids])
-    strip = not any(_VERSION.search(m) and m.startswith("ENS") for m in model[:50])
+    strip = not any(is_versioned_ensembl(m) for m in model[:50])
     q = np.array(
-        [
-            None if v is None else (_VERSION.sub("", v) if strip and v.startswith("ENS") else v)
-            for v in query_ids
-        ],
+        [None if v is None else (strip_version(v) if strip else v) for v in query_ids],
         dtype=object,
     )
     target = model.get_indexer(pd.Index(q.astype(str)))
@@ -168,64 +165,3 @@ def likely_cause(
     return (
         "the query measures few of the model's genes (a targeted panel, or a different annotation)"
     )
-
-
-def check_counts(x: Any, *, where: str, log_hint: str | None) -> None:
-    """Raise when ``x`` (a chunk of the query's X) is not raw counts: NaN, negative or fractional.
-
-    Parameters
-    ----------
-    x
-        A dense array or scipy sparse matrix.
-    where
-        Names the rows checked, for the message (e.g. ``"cells 0-16383"``).
-    log_hint
-        Extra hint when X looks log-normalised and raw counts seem to be elsewhere.
-    """
-    import scipy.sparse as sp
-
-    data = x.data if sp.issparse(x) else np.asarray(x).ravel()
-    if data.size == 0:
-        return
-    data = np.asarray(data)
-    if not np.issubdtype(data.dtype, np.number):
-        msg = f"the query's X has dtype {data.dtype}, not numbers"
-        raise CensusScviError(msg)
-    if np.issubdtype(data.dtype, np.integer):
-        if (data < 0).any():
-            msg = f"the query's X has negative values ({where}, min {data.min()}); raw counts are needed"
-            raise CensusScviError(msg, hint=log_hint or "map the unnormalised UMI/read counts")
-        return
-    bad = ~np.isfinite(data)
-    if bad.any():
-        msg = f"the query's X has {int(bad.sum()):,} NaN or infinite values ({where}); raw counts are needed"
-        raise CensusScviError(msg, hint=log_hint or "map the unnormalised UMI/read counts")
-    if (data < 0).any():
-        msg = f"the query's X has negative values ({where}, min {float(data.min()):.3g}); raw counts are needed"
-        raise CensusScviError(
-            msg, hint=log_hint or "map the unnormalised UMI/read counts (not scaled data)"
-        )
-    frac = data != np.round(data)
-    if frac.any():
-        example = float(data[np.flatnonzero(frac)[0]])
-        msg = (
-            f"the query's X has non-integer values ({where}: {int(frac.sum()):,} values, e.g. "
-            f"{example:.4g}); scVI needs raw counts"
-        )
-        raise CensusScviError(msg, hint=log_hint or "map the unnormalised UMI/read counts")
-
-
-def log_counts_hint(adata: ad.AnnData) -> str | None:
-    """A hint naming where raw counts are, when X does not hold them but ``.raw`` or a layer does."""
-    for name in ("counts", "raw_counts", "raw", "umi", "UMI"):
-        if name in adata.layers:
-            return (
-                f"X looks normalised; raw counts seem to be in layers['{name}']: set "
-                f"adata.X = adata.layers['{name}'], write the h5ad and map it"
-            )
-    if adata.raw is not None:
-        return (
-            "X looks normalised; raw counts may be in .raw: write adata.raw.to_adata() to an h5ad "
-            "and map that"
-        )
-    return None

@@ -1,7 +1,10 @@
-"""Census-schema column lists and types used by ``build-census`` (census-schema 2.x).
+"""The Census schema (census-schema 2.x) that every census we write follows.
 
-The obs/var/datasets columns follow ``reference/census-schema.md``; string obs columns are stored
-as categoricals (dictionary/enumeration), as the Census does, except ``observation_joinid``.
+``build-census`` and the mini census (``demo-data``) both write through
+:mod:`census_scvi.soma._writer` with these column lists, so both carry one
+``census_schema_version``. The obs/var/datasets columns follow ``reference/census-schema.md``;
+string obs columns are stored as categoricals (dictionary/enumeration), as the Census does, except
+``observation_joinid``.
 """
 
 from __future__ import annotations
@@ -10,17 +13,22 @@ from typing import Literal
 
 __all__ = [
     "CATEGORY_PAIRS",
+    "CELL_COUNT_COLUMNS",
     "COMPUTED_OBS",
     "DATASET_COLUMNS",
     "MAPPABLE_OBS",
     "OBS_COLUMNS",
     "OBS_KEY",
+    "ORGANISM_COLUMNS",
     "ORGANISM_TERMS",
     "PRESENCE_MATRIX",
     "SCHEMA_VERSION",
+    "SUMMARY_COLUMNS",
     "UNKNOWN",
     "VAR_COLUMNS",
+    "VAR_ID",
     "ColumnKind",
+    "organism_label",
 ]
 
 ColumnKind = Literal["category", "string", "bool", "int64", "float32"]
@@ -68,6 +76,7 @@ COMPUTED_OBS = frozenset({"nnz", "n_measured_vars", "raw_sum", "raw_mean_nnz", "
 # what --columns may map (computed columns come from the counts, never from the user)
 MAPPABLE_OBS = tuple(name for name, _ in OBS_COLUMNS if name not in COMPUTED_OBS)
 
+VAR_ID = "feature_id"  # the var column genes are keyed on (Ensembl ids)
 VAR_COLUMNS: tuple[tuple[str, ColumnKind], ...] = (
     ("feature_id", "string"),
     ("feature_name", "string"),
@@ -90,7 +99,27 @@ DATASET_COLUMNS: tuple[tuple[str, ColumnKind], ...] = (
     ("dataset_total_cell_count", "int64"),
 )
 
-# census_info/summary_cell_counts: category -> (label column, ontology id column or None)
+# census_info/summary: one row per label
+SUMMARY_COLUMNS: tuple[tuple[str, ColumnKind], ...] = (("label", "string"), ("value", "string"))
+
+# census_info/summary_cell_counts: one row per (organism, category, label)
+CELL_COUNT_COLUMNS: tuple[tuple[str, ColumnKind], ...] = (
+    ("organism", "string"),
+    ("category", "string"),
+    ("label", "string"),
+    ("ontology_term_id", "string"),
+    ("total_cell_count", "int64"),
+    ("unique_cell_count", "int64"),
+)
+
+# census_info/organisms: one row per experiment of census_data
+ORGANISM_COLUMNS: tuple[tuple[str, ColumnKind], ...] = (
+    ("organism_ontology_term_id", "string"),
+    ("organism_label", "string"),
+    ("organism", "string"),
+)
+
+# summary_cell_counts categories: category -> (label column, ontology id column or None)
 CATEGORY_PAIRS: tuple[tuple[str, str | None], ...] = (
     ("cell_type", "cell_type_ontology_term_id"),
     ("assay", "assay_ontology_term_id"),
@@ -109,3 +138,8 @@ ORGANISM_TERMS = {
     "macaca_mulatta": "NCBITaxon:9544",
     "pan_troglodytes": "NCBITaxon:9598",
 }
+
+
+def organism_label(organism: str) -> str:
+    """``'homo_sapiens'`` -> ``'Homo sapiens'`` (census_info's organism labels)."""
+    return organism.replace("_", " ").capitalize()
