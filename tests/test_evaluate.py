@@ -4,6 +4,7 @@ errors, and the small library functions against simple oracles."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -20,14 +21,18 @@ from census_scvi.evaluate import classifier_accuracy, run_evaluate, stratified_s
 def evaluated(mini_census, tmp_path_factory):
     run_dir = reference_run(mini_census, str(tmp_path_factory.getbasetemp()))
     cfg = tiny_config(mini_census)
-    result = run_evaluate(cfg, run_dir=run_dir, force=True)
-    return run_dir, cfg, result
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for hidden_by_default in (DeprecationWarning, PendingDeprecationWarning, ImportWarning):
+            warnings.filterwarnings("ignore", category=hidden_by_default)
+        result = run_evaluate(cfg, run_dir=run_dir, force=True)
+    return run_dir, cfg, result, caught
 
 
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_scvi_beats_pca_on_batch_correction_and_keeps_biology(evaluated):
-    _, _, result = evaluated
+    _, _, result, _ = evaluated
     agg = result.metrics["aggregate"]
     scvi, pca = agg["scVI"], agg["PCA"]
     assert scvi["Batch correction"] > pca["Batch correction"], agg
@@ -47,7 +52,7 @@ def test_scvi_beats_pca_on_batch_correction_and_keeps_biology(evaluated):
 
 @pytest.mark.slow
 def test_outputs_report_card_picture_manifest(evaluated, mini_census):
-    run_dir, _, result = evaluated
+    run_dir, _, result, _ = evaluated
     ev = run_dir / "evaluate"
     metrics = json.loads((ev / "metrics.json").read_text())
     assert metrics["aggregate"] == result.metrics["aggregate"]
@@ -79,10 +84,30 @@ def test_outputs_report_card_picture_manifest(evaluated, mini_census):
     assert manifest["inputs"]["census"].startswith(mini_census)  # soma.census_fingerprint
     assert set(manifest["files"]) == {f"evaluate/{n}" for n in manifest["outputs"]}
 
+    # every classifier score beside its chance level; batch mixing for every batch key
+    for emb in ("scVI", "PCA"):
+        cls = metrics["classifier"][emb]
+        assert 0 < cls["chance_uniform"] <= cls["chance_majority"] < cls["knn_accuracy"]
+        for key in ("batch", "dataset_id", "assay", "suspension_type"):
+            mix = metrics["batch_classifier"][key][emb]
+            assert {"knn_accuracy", "chance_majority", "within_label_knn_accuracy"} <= set(mix)
+    mixing = metrics["batch_classifier"]["dataset_id"]
+    assert mixing["scVI"]["knn_accuracy"] < mixing["PCA"]["knn_accuracy"]  # scVI mixes better
+    assert "kbet_per_label" not in metrics["scib_metrics_ran"]["batch"]
+    for text in ("## Batch mixing", "chance: majority class", "## scib-metrics that ran",
+                 "differ from ones computed with the defaults", "standardises"):  # fmt: skip
+        assert text in report, text
+
+
+@pytest.mark.slow
+def test_default_run_shows_no_third_party_warnings(evaluated):
+    *_, caught = evaluated
+    assert not caught, [f"{w.category.__name__}: {w.message} ({w.filename})" for w in caught]
+
 
 @pytest.mark.slow
 def test_second_run_is_skipped_and_cli_prints_scores(evaluated, tmp_path):
-    run_dir, cfg, result = evaluated
+    run_dir, cfg, result, _ = evaluated
     again = run_evaluate(cfg, run_dir=run_dir)
     assert again.skipped and again.metrics["aggregate"] == result.metrics["aggregate"]
     cfg_path = tmp_path / "cfg.yaml"

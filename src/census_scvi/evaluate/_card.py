@@ -157,7 +157,8 @@ def model_card_markdown(
     for e, vals in cls.items():
         lines.append(
             f"- {e}: cell-type accuracy logistic regression {fmt(vals.get('logreg_accuracy'))}, "
-            f"k-NN {fmt(vals.get('knn_accuracy'))}"
+            f"k-NN {fmt(vals.get('knn_accuracy'))} (chance: majority class "
+            f"{fmt(vals.get('chance_majority'))})"
         )
     lines += [
         "",

@@ -2,14 +2,18 @@
 
 scib-metrics' ``Benchmarker`` does the scoring; we only choose the metrics, give it an exact
 k-NN search (scikit-learn, fast and deterministic for the sample sizes evaluated here, where
-pynndescent's index build dominates) shared across the batch keys, and return plain dicts.
+pynndescent's index build dominates) shared across the batch keys, and return plain dicts with
+the list of metrics that ran (the aggregates average those, so they differ from the
+Benchmarker's defaults when some are left out).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any
@@ -32,6 +36,7 @@ __all__ = [
     "benchmark",
     "pca_baseline",
     "require_scib_metrics",
+    "scib_default_metrics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -64,6 +69,34 @@ def require_scib_metrics() -> None:
     if find_spec("scib_metrics") is None:
         msg = "evaluate needs scib-metrics, which is not installed"
         raise CensusScviError(msg, hint=EVAL_INSTALL)
+
+
+def scib_default_metrics() -> list[str]:
+    """The metric switches scib-metrics' ``Benchmarker`` turns on by default."""
+    from scib_metrics.benchmark import BatchCorrection, BioConservation
+
+    return [
+        f.name for c in (BioConservation, BatchCorrection) for f in fields(c) if f.default is True
+    ]
+
+
+@contextmanager
+def quiet_warnings() -> Iterator[None]:
+    """Silence the known warnings of scib-metrics, jax, scanpy and scikit-learn, here only.
+
+    Deprecation notices of those packages (their own business), anndata's "Transforming to str
+    index" (the census reader's integer obs index) and umap's "ParametricUMAP will be unavailable"
+    (an import-time note that tensorflow is absent), and scib-metrics' "PCR comparison score is
+    negative ... Setting to 0" (the report shows the 0).
+    """
+    with warnings.catch_warnings():
+        for module in ("scib_metrics", "jax", "sklearn", "scanpy", "anndata", "umap", "numba"):
+            warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+        warnings.filterwarnings("ignore", message="Transforming to str index")
+        warnings.filterwarnings("ignore", message=".*ParametricUMAP will be unavailable.*")
+        warnings.filterwarnings("ignore", message="PCR comparison score is negative")
+        yield
 
 
 def pca_baseline(counts: ad.AnnData, *, n_pcs: int, seed: int = 0) -> npt.NDArray[np.float32]:
@@ -112,6 +145,14 @@ def _collections(skip: Sequence[str], *, bio: bool) -> tuple[Any, Any]:
     return bio_c, batch_c
 
 
+def _switched_on(collection: Any) -> list[str]:
+    return (
+        []
+        if collection is None
+        else [f.name for f in fields(collection) if getattr(collection, f.name)]
+    )
+
+
 def _label_spans_batches(labels: npt.NDArray[np.str_], batches: npt.NDArray[np.str_]) -> bool:
     """True when at least one label occurs in two or more batches."""
     import pandas as pd
@@ -131,10 +172,16 @@ class ScibScores:
         ``Bio conservation``, ``Batch correction``, ``Total``.
     seconds
         Wall time per batch key.
+    ran
+        The scib-metrics switches (``BIO_METRICS`` / ``BATCH_METRICS`` names) that ran, per key.
+    single_valued
+        Batch keys with one value (no batch-correction scores).
     """
 
     scores: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    ran: dict[str, list[str]] = field(default_factory=dict)
+    single_valued: list[str] = field(default_factory=list)
 
 
 def _plan(
@@ -146,8 +193,11 @@ def _plan(
     first: bool,
 ) -> tuple[Any, Any]:
     """The bio / batch metric collections for one batch key (None: not computed)."""
+    if np.unique(values).size < 2:
+        logger.info("evaluate: batch key %s has one value; no batch-correction scores", key)
+        return _collections(skip, bio=first)[0], None  # bio conservation only, on the first key
     skip = list(skip)
-    if not _label_spans_batches(labels, values):
+    if "bras" not in skip and not _label_spans_batches(labels, values):
         # scib-metrics BRAS (silhouette_batch) averages within labels over batches and fails
         # ("No objects to concatenate") when no label occurs in two batches.
         logger.warning(
@@ -155,11 +205,7 @@ def _plan(
             key,
         )
         skip.append("bras")
-    bio_c, batch_c = _collections(skip, bio=first)
-    if np.unique(values).size < 2:
-        logger.info("evaluate: batch key %s has one value; no batch-correction scores", key)
-        return bio_c, None  # a single batch: bio conservation only, on the first key
-    return bio_c, batch_c
+    return _collections(skip, bio=first)
 
 
 def benchmark(
@@ -174,7 +220,8 @@ def benchmark(
 
     The first batch key gets bio conservation and batch correction; the others only batch
     correction (bio conservation barely depends on the batch key). A batch key with a single
-    value gets no batch-correction scores (the first one still gets bio conservation).
+    value gets no batch-correction scores (the first one still gets bio conservation), with one
+    log line.
 
     Parameters
     ----------
@@ -199,15 +246,19 @@ def benchmark(
     out = ScibScores()
     neighbors = _CachedNeighbors()
     adata = _anndata(embeddings, labels)
-    for i, (key, raw) in enumerate(batches.items()):
-        values = np.asarray(raw).astype(str)
-        bio_c, batch_c = _plan(key, values, labels, skip_metrics, first=i == 0)
-        if bio_c is None and batch_c is None:
-            continue
-        t0 = time.perf_counter()
-        out.scores[key] = _run_benchmarker(adata, values, bio_c, batch_c, baseline, neighbors)
-        out.seconds[key] = time.perf_counter() - t0
-        logger.info("evaluate: scib-metrics for batch key %s in %.1f s", key, out.seconds[key])
+    with quiet_warnings():  # importing scib-metrics warns too (umap, jax)
+        for i, (key, raw) in enumerate(batches.items()):
+            values = np.asarray(raw).astype(str)
+            if np.unique(values).size < 2:
+                out.single_valued.append(key)
+            bio_c, batch_c = _plan(key, values, labels, skip_metrics, first=i == 0)
+            if bio_c is None and batch_c is None:
+                continue
+            t0 = time.perf_counter()
+            out.scores[key] = _run_benchmarker(adata, values, bio_c, batch_c, baseline, neighbors)
+            out.ran[key] = _switched_on(bio_c) + _switched_on(batch_c)
+            out.seconds[key] = time.perf_counter() - t0
+            logger.info("evaluate: scib-metrics for batch key %s in %.1f s", key, out.seconds[key])
     return out
 
 

@@ -7,7 +7,9 @@ same cells:
 
 - scib-metrics ``Benchmarker`` (bio conservation, batch correction, aggregates) with the batch label
   (``batch``) and each of ``evaluate.batch_keys`` as batch;
-- cell-type accuracy of logistic regression and k-NN classifiers (60/40 split);
+- cell-type accuracy of logistic regression and k-NN classifiers (60/40 split), with chance levels;
+- batch mixing: k-NN accuracy of predicting each batch key (lower is better), overall and within
+  cell type, with chance levels;
 - a UMAP of the scVI latent coloured by label and batch parts.
 
 Outputs in ``RUN_DIR/evaluate/``: ``metrics.json``, ``report.md``, ``umap.png``, ``model_card.md``,
@@ -55,8 +57,14 @@ from census_scvi.evaluate._card import (
     model_facts,
     n_train_cells,
 )
-from census_scvi.evaluate._classifiers import classifier_accuracy
-from census_scvi.evaluate._metrics import benchmark, pca_baseline, require_scib_metrics
+from census_scvi.evaluate._classifiers import batch_mixing_accuracy, classifier_accuracy
+from census_scvi.evaluate._metrics import (
+    benchmark,
+    pca_baseline,
+    quiet_warnings,
+    require_scib_metrics,
+    scib_default_metrics,
+)
 from census_scvi.evaluate._report import AGGREGATES, report_markdown
 from census_scvi.evaluate._sample import stratified_sample
 from census_scvi.rundir import (
@@ -134,9 +142,16 @@ class EvaluateResult:
                 ]
                 lines.append(f"  {emb:6} {cells[0]:>17} {cells[1]:>17} {cells[2]:>7}")
         for emb, vals in self.metrics.get("classifier", {}).items():
+            chance = vals.get("chance_majority")
             lines.append(
                 f"  {emb}: cell-type accuracy logistic regression "
                 f"{vals['logreg_accuracy']:.3f}, k-NN {vals['knn_accuracy']:.3f}"
+                + (f" (chance {chance:.3f})" if chance is not None else "")
+            )
+        for emb, vals in self.metrics.get("batch_classifier", {}).get(BATCH_KEY, {}).items():
+            lines.append(
+                f"  {emb}: batch k-NN accuracy {vals['knn_accuracy']:.3f} "
+                f"(chance {vals['chance_majority']:.3f}; lower is better mixed)"
             )
         lines.append(f"  report: {self.report_path}")
         return "\n".join(lines)
@@ -254,7 +269,7 @@ def _read_sample(
     ev = config.evaluate
     parts = list(config.anndata.batch_key)
     eval_keys = [k for k in ev.batch_keys if k != BATCH_KEY]
-    with open_census(config) as census, _timed(timings, "read"):
+    with open_census(config) as census, _timed(timings, "read"), quiet_warnings():
         exp = get_experiment(census, config.census.organism)
         obs = read_obs(exp, joinids, [ev.label_key, *parts, *eval_keys])
         positions = stratified_sample(
@@ -283,7 +298,7 @@ def _embeddings(
 ) -> dict[str, npt.NDArray[np.float32]]:
     """The scVI latent of the sampled cells and the PCA baseline of their counts."""
     z = np.asarray(latent[sample.positions], dtype=np.float32)
-    with _timed(timings, "pca"):
+    with _timed(timings, "pca"), quiet_warnings():
         pcs = pca_baseline(sample.counts, n_pcs=ev.n_pcs, seed=ev.seed)
     return {SCVI: z, PCA: pcs}
 
@@ -295,7 +310,7 @@ def _scores(
     sample: _Sample,
     timings: dict[str, float],
 ) -> dict[str, Any]:
-    """scib-metrics and cell-type classifiers: the scoring part of metrics.json."""
+    """scib-metrics, cell-type classifiers and batch mixing: the scoring part of metrics.json."""
     labels, batches = sample.labels, sample.batches
     with _timed(timings, "scib"):
         scib = benchmark(
@@ -309,6 +324,8 @@ def _scores(
             )
             for name, emb in embeddings.items()
         }
+    with _timed(timings, "batch_classifier"):
+        mixing = _batch_mixing(embeddings, batches, labels=labels, skip=scib.single_valued, ev=ev)
     first = next(iter(scib.scores), None)
     aggregate = {
         name: {k: v for k, v in scib.scores[first][name].items() if k in AGGREGATES}
@@ -322,8 +339,43 @@ def _scores(
         "n_batches": {k: int(np.unique(v).size) for k, v in batches.items()},
         "aggregate": aggregate,
         "scib": scib.scores,
+        "scib_metrics_ran": scib.ran,
+        "scib_default_metrics": scib_default_metrics(),
         "classifier": classifier,
+        "classifier_settings": {
+            "test_size": ev.test_size,
+            "n_neighbors": _KNN_K,
+            "knn_features": "embedding as is (Euclidean)",
+            "logreg_features": "standardised on the training part",
+            "chance_majority": "fraction of the test split in its most frequent class",
+            "chance_uniform": "1 / number of classes",
+        },
+        "batch_classifier": mixing,
         "metrics_skipped": list(ev.skip_metrics),
+    }
+
+
+def _batch_mixing(
+    embeddings: Mapping[str, npt.NDArray[np.float32]],
+    batches: Mapping[str, npt.NDArray[np.str_]],
+    *,
+    labels: npt.NDArray[np.str_],
+    skip: list[str],
+    ev: EvaluateConfig,
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    """``batch_classifier[batch_key][embedding]`` for every batch key with two or more values.
+
+    The keys in ``skip`` (one value; the scib step has already said so) are left out silently.
+    """
+    return {
+        key: {
+            name: batch_mixing_accuracy(
+                emb, values, labels=labels, test_size=ev.test_size, n_neighbors=_KNN_K, seed=ev.seed
+            )
+            for name, emb in embeddings.items()
+        }
+        for key, values in batches.items()
+        if key not in skip and np.unique(values).size >= 2
     }
 
 
@@ -340,7 +392,7 @@ def _pictures(
 
     panels = {ev.label_key: sample.labels}
     panels.update({k: v for k, v in sample.batches.items() if k != BATCH_KEY})
-    with _timed(timings, "umap"):
+    with _timed(timings, "umap"), quiet_warnings():
         coords = umap_coords(z, seed=ev.seed)
         with atomic_path(out_dir / UMAP_FILE) as tmp:
             draw_umap(coords, panels, tmp, title="scVI latent")
