@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from census_scvi.constants import BATCH_KEY, PREPARE_DIR
+from census_scvi.constants import PREPARE_DIR
 from census_scvi.evaluate._report import AGGREGATES, fmt, table
 
 if TYPE_CHECKING:
@@ -34,20 +34,13 @@ def model_facts(model_path: Path, model: ModelConfig) -> tuple[dict[str, Any], A
     """Model settings for the card (from the saved registry) and its training history."""
     import warnings
 
-    import scvi
+    from census_scvi.scvi_model import load_model, model_info
 
-    from census_scvi.scvi_model import quiet_scvi
-
-    with warnings.catch_warnings(), quiet_scvi():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loaded = scvi.model.SCVI.load(str(model_path), adata=False, accelerator="cpu")
+        loaded = load_model(model_path, accelerator="cpu")  # verified: a model file is data
     registry = loaded.registry_
-    n_batches = None
-    try:
-        state = registry["field_registries"][BATCH_KEY]["state_registry"]
-        n_batches = len(state["categorical_mapping"])
-    except KeyError:
-        pass
+    n_batches = len(model_info(model_path).batch_categories)
     facts = {
         "class": "scvi.model.SCVI",
         "scvi-tools": registry.get("scvi_version", "?"),
