@@ -357,8 +357,10 @@ def test_resume_finishes_max_epochs_with_full_history(prepared, tmp_path, mini_c
     hist, ref = _history(run), _history(full)
     assert list(hist.index) == list(ref.index) == [0, 1, 2, 3]
     assert hist["kl_weight"].tolist() == ref["kl_weight"].tolist()
-    # the epochs before the crash are the uninterrupted run's
-    np.testing.assert_allclose(hist["elbo_train"][:2], ref["elbo_train"][:2], rtol=1e-6)
+    # every epoch is the uninterrupted run's: the crashed run's, and the resumed ones (the
+    # random generators' states travel in the checkpoint)
+    for key in ("elbo_train", "elbo_validation", "reconstruction_loss_train"):
+        np.testing.assert_allclose(hist[key], ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
     manifest = json.loads((run / "train/manifest.json").read_text())
     assert manifest["figures"]["epochs"] == 4 and manifest["figures"]["resumed_from_epoch"] == 2
     assert not list((run / "train/checkpoints").glob(".*.tmp"))

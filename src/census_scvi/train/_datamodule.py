@@ -364,8 +364,16 @@ class SomaStreamDataModule(LightningDataModule):
         )
 
     def _epoch(self) -> int:
+        """The epoch of the next training pass: the one Lightning gives samplers (``set_epoch``).
+
+        Not ``trainer.current_epoch``: resuming from a checkpoint taken at an epoch end,
+        Lightning makes the first iterator before it moves ``current_epoch`` on, which then still
+        names the epoch before (the resumed run shuffled like the previous epoch).
+        """
         trainer = getattr(self, "trainer", None)
-        return int(trainer.current_epoch) if trainer is not None else 0
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_progress.current.processed)
 
     def _loader(self, ids: npt.NDArray[np.int64], *, train: bool) -> Any:
         if self._x_locator is None:
@@ -390,6 +398,10 @@ class SomaStreamDataModule(LightningDataModule):
             kwargs["multiprocessing_context"] = "spawn"
             # spawned workers import torch and compile tiledbsoma-ml's numba kernels: once
             kwargs["persistent_workers"] = True
+            # the iterator's base seed from the loader's own generator, not torch's global one:
+            # a persistent loader makes its iterator once per fit, so a resumed fit would draw
+            # one number more from the global generator than the uninterrupted one did
+            kwargs["generator"] = torch.Generator()
         return EpochDataLoader(dataset, self._epoch, **kwargs)
 
     def train_dataloader(self) -> Any:

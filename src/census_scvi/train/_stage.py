@@ -14,8 +14,10 @@ checks that it matches the config *before* any training (:mod:`._inputs`), build
     train/manifest.json    config, versions, input hashes, epochs, final losses, wall time, cells/s
 
 The skip / config / manifest-last bookkeeping is :func:`census_scvi.rundir.run_stage`'s; what is
-the train stage's own is resuming: ``checkpoints/run.json`` says which config and inputs the
-checkpoint belongs to, and a run of the same ones continues from it.
+the train stage's own is resuming (:mod:`._resume`): ``checkpoints/run.json`` says which config
+and inputs the checkpoint belongs to, and a run of the same ones continues from it, verified as
+data only, and draw for draw where the interrupted run was (the random generators' states are in
+the checkpoint, :mod:`._rng`): a resumed run ends with the weights of an uninterrupted one.
 
 Examples
 --------
@@ -28,7 +30,6 @@ Examples
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -64,6 +65,7 @@ from census_scvi.train._model import build_model, scvi_model_kwargs, scvi_plan_k
 
 if TYPE_CHECKING:
     from census_scvi.train._callbacks import HistoryRecorder, NonFiniteLossGuard, ThroughputMonitor
+    from census_scvi.train._resume import ResumePlan
 
 __all__ = [
     "CELLS_FILE",
@@ -78,7 +80,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-RUN_INFO_FILE = "run.json"  # in checkpoints/: config hash and inputs of the run they belong to
 _HASHED_SECTIONS = ("census", "hvg", "anndata", "model", "train", "training_plan")
 _FINAL_KEYS = (
     "elbo_train",
@@ -166,8 +167,9 @@ def run_train(
     ------
     CensusScviError
         Prepared data missing or not matching the config (genes, batch labels), ``resume``
-        onto a checkpoint of another config, no GPU for ``accelerator: gpu``, or a NaN/inf
-        loss during training.
+        onto a checkpoint of another config or a checkpoint that is not data only (it is never
+        unpickled unrestricted), no GPU for ``accelerator: gpu``, or a NaN/inf loss during
+        training.
 
     Notes
     -----
@@ -249,41 +251,23 @@ class _Paths:
 # ------------------------------------------------------------------------------------------
 # resuming
 # ------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _ResumePlan:
-    """Whether this run continues from ``checkpoint``, and whose run the checkpoints are."""
-
-    run_info: dict[str, Any]
-    checkpoint: Path
-    resuming: bool
-    requested: bool
-    force: bool
-
-
 def _plan_resume(
     config: Config, inputs: TrainInputs, paths: _Paths, *, force: bool, resume: bool, zero: bool
-) -> _ResumePlan:
+) -> ResumePlan:
     """Resume from ``last.ckpt`` or not; refuse (before touching anything) another run's."""
+    from census_scvi.train._resume import plan_resume
+
     run_info = {
         "config_hash": config_hash(config, sections=_HASHED_SECTIONS),
         "inputs": inputs.hashes,
     }
-    info_path = paths.checkpoints / RUN_INFO_FILE
-    same_run = info_path.is_file() and json.loads(info_path.read_text()) == run_info
-    last = paths.last_checkpoint
-    # an interrupted run of the same config and inputs continues by itself (so 'census-scvi
-    # run' resumes after a crash); --resume insists on it, --force starts over
-    resuming = not force and last.is_file() and (same_run or resume)
-    if zero and resuming and not same_run:
-        msg = (
-            f"the checkpoint in {paths.checkpoints} belongs to a run with another config or inputs"
-        )
-        raise CensusScviError(msg, hint="pass --force to start over with this config")
-    return _ResumePlan(run_info, last, resuming, requested=resume, force=force)
+    return plan_resume(run_info, paths.last_checkpoint, force=force, resume=resume, zero=zero)
 
 
-def _start_train_dir(paths: _Paths, plan: _ResumePlan, *, had_manifest: bool) -> None:
+def _start_train_dir(paths: _Paths, plan: ResumePlan, *, had_manifest: bool) -> None:
     """Rank 0, before training: clear the last run (keeping checkpoints and logs to resume)."""
+    from census_scvi.train._resume import RUN_INFO_FILE
+
     if plan.requested and not plan.force and not plan.checkpoint.is_file():
         logger.warning("--resume: no checkpoint at %s; training from the start", plan.checkpoint)
     if not (had_manifest or plan.force or plan.resuming) and plan.checkpoint.is_file():
@@ -299,26 +283,16 @@ def _start_train_dir(paths: _Paths, plan: _ResumePlan, *, had_manifest: bool) ->
     write_json_atomic(paths.checkpoints / RUN_INFO_FILE, plan.run_info)
 
 
-def _resumed_from(plan: _ResumePlan) -> int | None:
-    """Epochs the checkpoint resumed from completed (None when not resuming)."""
+def _read_resume_checkpoint(plan: ResumePlan) -> tuple[dict[str, Any] | None, int | None]:
+    """The verified checkpoint to resume from and its epochs (None, None when not resuming)."""
     if not plan.resuming:
-        return None
-    epoch = _checkpoint_epoch(plan.checkpoint)
+        return None, None
+    from census_scvi.train._resume import checkpoint_epochs, read_checkpoint
+
+    ckpt = read_checkpoint(plan.checkpoint)
+    epoch = checkpoint_epochs(ckpt)
     logger.info("resuming from %s (after epoch %s)", plan.checkpoint, epoch)
-    return epoch
-
-
-def _checkpoint_epoch(path: Path) -> int | None:
-    """Epochs completed in a Lightning checkpoint (our own file: a full load is safe)."""
-    import torch
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as e:
-        msg = f"cannot read checkpoint {path}: {e}"
-        raise CensusScviError(msg, hint="pass --force to start over") from None
-    epoch = ckpt.get("epoch")
-    return int(epoch) + 1 if epoch is not None else None
+    return ckpt, epoch
 
 
 # ------------------------------------------------------------------------------------------
@@ -342,26 +316,19 @@ def _fit(
     inputs: TrainInputs,
     devices: DeviceSettings,
     paths: _Paths,
-    plan: _ResumePlan,
+    plan: ResumePlan,
     callbacks: Sequence[Any] | None,
 ) -> _Fit:
     """Build the model and train it (from the checkpoint when resuming)."""
     import scvi
 
-    from census_scvi.train._callbacks import (
-        EpochCheckpoint,
-        HistoryRecorder,
-        NonFiniteLossGuard,
-        StderrProgressBar,
-        ThroughputMonitor,
-    )
+    from census_scvi.train._callbacks import HistoryRecorder, NonFiniteLossGuard, ThroughputMonitor
     from census_scvi.train._quiet import quiet_lightning
 
-    resumed_from = _resumed_from(plan)
+    checkpoint, resumed_from = _read_resume_checkpoint(plan)
     with quiet_lightning():  # "Seed set to ..."
         scvi.settings.seed = config.train.seed
     model, datamodule, n_cells = build_model(config, inputs)
-    t = config.train
     fit = _Fit(
         model,
         datamodule,
@@ -373,10 +340,39 @@ def _fit(
         throughput=ThroughputMonitor(),
         resumed_from=resumed_from,
     )
-    ours = [
+    all_callbacks = [*_our_callbacks(config, paths, fit), *(callbacks or [])]
+    kwargs = _trainer_kwargs(config, devices, paths, all_callbacks, datamodule)
+    if checkpoint is not None:
+        from census_scvi.train._resume import VerifiedCheckpointIO
+
+        kwargs["ckpt_path"] = str(plan.checkpoint)
+        kwargs["plugins"] = [VerifiedCheckpointIO(plan.checkpoint, checkpoint)]
+        del checkpoint  # Lightning drops it once restored
+    logger.info(
+        "training scVI (%s mode): %d cells x %d genes, %d batches, %d epochs on %s x %s",
+        inputs.mode,
+        n_cells,
+        inputs.n_genes,
+        len(inputs.categories),
+        config.train.max_epochs,
+        devices.accelerator,
+        devices.devices,
+    )
+    _train(model, kwargs, fit.guard)
+    return fit
+
+
+def _our_callbacks(config: Config, paths: _Paths, fit: _Fit) -> list[Any]:
+    """The train stage's callbacks: NaN guard, history, throughput, checkpoints, progress bar."""
+    from census_scvi.train._callbacks import EpochCheckpoint, StderrProgressBar
+    from census_scvi.train._rng import RandomStateCheckpoint
+
+    t = config.train
+    return [
         fit.guard,
         fit.history,
         fit.throughput,
+        RandomStateCheckpoint(),
         EpochCheckpoint(
             paths.checkpoints,
             every_n_epochs=t.checkpoint_every_n_epochs,
@@ -384,21 +380,6 @@ def _fit(
         ),
         StderrProgressBar(),
     ]
-    kwargs = _trainer_kwargs(config, devices, paths, [*ours, *(callbacks or [])], datamodule)
-    if plan.resuming:
-        kwargs["ckpt_path"] = str(plan.checkpoint)
-    logger.info(
-        "training scVI (%s mode): %d cells x %d genes, %d batches, %d epochs on %s x %s",
-        inputs.mode,
-        n_cells,
-        inputs.n_genes,
-        len(inputs.categories),
-        t.max_epochs,
-        devices.accelerator,
-        devices.devices,
-    )
-    _train(model, kwargs, fit.guard)
-    return fit
 
 
 def _trainer_kwargs(
