@@ -4,7 +4,7 @@ The checkpoint carries the random generators' states (``train/_rng.py``) and eve
 order follows from them (memory mode: scvi-tools' RandomSampler on torch's global generator) or
 from ``seed + epoch`` (stream mode), so the resumed weights, latent and losses equal the
 uninterrupted run's. The checkpoint is read as data only: a tampered one is refused. Also here:
-the stream loaders' workers.
+the DataLoader worker settings.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from census_scvi.config import load_config
 from census_scvi.errors import CensusScviError
 from census_scvi.prepare import run_prepare
 from census_scvi.train import run_train
+from census_scvi.train._devices import loader_workers
+from census_scvi.train._model import memory_loader_kwargs
 from census_scvi.train._rng import (
     RandomStateCheckpoint,
     capture_random_states,
@@ -235,6 +237,27 @@ def test_random_states_of_another_world_size_warn(caplog):
     assert "2 training processes, this run has 1" in caplog.text
 
 
+def test_loader_workers_capped_at_the_cores(caplog, monkeypatch):
+    with caplog.at_level(logging.INFO, logger="census_scvi"):
+        assert loader_workers(4, cores=2) == 2
+    assert "train.num_workers=4 capped at 2: 2 CPU core(s) available" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="census_scvi"):
+        assert loader_workers(2, cores=2) == 2
+        assert loader_workers(0, cores=2) == 0
+    assert not caplog.text  # nothing to say when nothing is capped
+    assert loader_workers(4, processes=2, cores=2) == 1  # DDP processes share the cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert loader_workers(8) == 3
+
+
+def test_memory_loader_kwargs_persistent_workers_with_their_own_seed():
+    assert memory_loader_kwargs(0, distributed=False) == {"num_workers": 0}
+    kw = memory_loader_kwargs(3, distributed=True)
+    assert kw["num_workers"] == 3 and kw["persistent_workers"] is True
+    assert isinstance(kw["generator"], torch.Generator) and kw["drop_dataset_tail"] is True
+
+
 def test_stream_loaders_have_persistent_workers():
     from census_scvi.train._datamodule import SomaStreamDataModule
 
@@ -246,3 +269,32 @@ def test_stream_loaders_have_persistent_workers():
     loader = dm.train_dataloader()
     assert loader.num_workers == 2 and loader.persistent_workers
     assert isinstance(loader.generator, torch.Generator)  # its base seed is not the global one
+
+
+@pytest.fixture
+def record_train_kwargs(monkeypatch):
+    """``SCVI.train`` records its keyword arguments, then stops."""
+    import scvi
+
+    seen: dict = {}
+
+    def record(self, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(scvi.model.SCVI, "train", record)
+    return seen
+
+
+def test_run_train_caps_workers_and_keeps_them(
+    prepared, mini_census, tmp_path, record_train_kwargs, monkeypatch, caplog
+):
+    from census_scvi.train import _devices
+
+    monkeypatch.setattr(_devices, "_available_cores", lambda: 1)
+    cfg = load_config(None, overrides=_overrides(mini_census, "memory", "train.num_workers=4"))
+    with caplog.at_level(logging.INFO, logger="census_scvi"), pytest.raises(RuntimeError):
+        run_train(cfg, run_dir=_run_dir(prepared, tmp_path, "run"))
+    splitter = record_train_kwargs["datasplitter_kwargs"]
+    assert splitter["num_workers"] == 1 and splitter["persistent_workers"] is True
+    assert "train.num_workers=4 capped at 1" in caplog.text

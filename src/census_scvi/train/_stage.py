@@ -59,9 +59,19 @@ from census_scvi.rundir import (
     run_stage,
     write_json_atomic,
 )
-from census_scvi.train._devices import DDP_STRATEGY, DeviceSettings, resolve_devices
+from census_scvi.train._devices import (
+    DDP_STRATEGY,
+    DeviceSettings,
+    loader_workers,
+    resolve_devices,
+)
 from census_scvi.train._inputs import CELLS_FILE, TrainInputs, read_inputs
-from census_scvi.train._model import build_model, scvi_model_kwargs, scvi_plan_kwargs
+from census_scvi.train._model import (
+    build_model,
+    memory_loader_kwargs,
+    scvi_model_kwargs,
+    scvi_plan_kwargs,
+)
 
 if TYPE_CHECKING:
     from census_scvi.train._callbacks import HistoryRecorder, NonFiniteLossGuard, ThroughputMonitor
@@ -328,7 +338,8 @@ def _fit(
     checkpoint, resumed_from = _read_resume_checkpoint(plan)
     with quiet_lightning():  # "Seed set to ..."
         scvi.settings.seed = config.train.seed
-    model, datamodule, n_cells = build_model(config, inputs)
+    workers = loader_workers(config.train.num_workers, processes=devices.processes_per_node)
+    model, datamodule, n_cells = build_model(config, inputs, num_workers=workers)
     fit = _Fit(
         model,
         datamodule,
@@ -341,7 +352,7 @@ def _fit(
         resumed_from=resumed_from,
     )
     all_callbacks = [*_our_callbacks(config, paths, fit), *(callbacks or [])]
-    kwargs = _trainer_kwargs(config, devices, paths, all_callbacks, datamodule)
+    kwargs = _trainer_kwargs(config, devices, paths, all_callbacks, datamodule, workers)
     if checkpoint is not None:
         from census_scvi.train._resume import VerifiedCheckpointIO
 
@@ -388,6 +399,7 @@ def _trainer_kwargs(
     paths: _Paths,
     callbacks: list[Any],
     datamodule: Any,
+    num_workers: int,
 ) -> dict[str, Any]:
     """``model.train(**kwargs)``: every ``train`` key, the plan, callbacks, loggers, devices."""
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -422,12 +434,10 @@ def _trainer_kwargs(
         kwargs["strategy"] = devices.strategy
     if datamodule is not None:
         kwargs["datamodule"] = datamodule
-        return kwargs
-    kwargs["datasplitter_kwargs"] = {"num_workers": t.num_workers}
-    if devices.distributed:
-        # give each rank a disjoint, equal share: drop up to world-1 cells rather than
-        # repeat cells on some ranks (DistributedSampler's default), as stream mode does
-        kwargs["datasplitter_kwargs"]["drop_dataset_tail"] = True
+    else:
+        kwargs["datasplitter_kwargs"] = memory_loader_kwargs(
+            num_workers, distributed=devices.distributed
+        )
     return kwargs
 
 
