@@ -385,7 +385,9 @@ def test_nan_loss_stops_with_one_line_naming_epoch_and_fixes(prepared, tmp_path,
         run_train(_cfg(mini_census), run_dir=run, callbacks=[_PoisonWeights()])
     text = str(err.value)
     assert "\n" not in text
-    assert "at epoch 1" in text and "nan" in text
+    # distribution checks are off while training: NaN weights surface as a NaN loss the guard
+    # stops at (not as torch's "found invalid values" argument check)
+    assert text.startswith("the training loss became nan at epoch 1"), text
     assert "training_plan.lr (now 0.002)" in text and "model.var_activation: softplus" in text
 
 

@@ -4,7 +4,7 @@ The checkpoint carries the random generators' states (``train/_rng.py``) and eve
 order follows from them (memory mode: scvi-tools' RandomSampler on torch's global generator) or
 from ``seed + epoch`` (stream mode), so the resumed weights, latent and losses equal the
 uninterrupted run's. The checkpoint is read as data only: a tampered one is refused. Also here:
-the DataLoader worker settings.
+the DataLoader worker settings, and torch's distribution checks being off while training only.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from census_scvi.errors import CensusScviError
 from census_scvi.prepare import run_prepare
 from census_scvi.train import run_train
 from census_scvi.train._devices import loader_workers
-from census_scvi.train._model import memory_loader_kwargs
+from census_scvi.train._model import distribution_checks_off, memory_loader_kwargs
 from census_scvi.train._rng import (
     RandomStateCheckpoint,
     capture_random_states,
@@ -273,28 +273,41 @@ def test_stream_loaders_have_persistent_workers():
 
 @pytest.fixture
 def record_train_kwargs(monkeypatch):
-    """``SCVI.train`` records its keyword arguments, then stops."""
+    """``SCVI.train`` records its keyword arguments and the distribution check, then stops."""
     import scvi
 
     seen: dict = {}
 
     def record(self, **kwargs):
-        seen.update(kwargs)
+        seen.update(kwargs, validate_args=torch.distributions.Distribution._validate_args)
         raise RuntimeError("recorded")
 
     monkeypatch.setattr(scvi.model.SCVI, "train", record)
     return seen
 
 
-def test_run_train_caps_workers_and_keeps_them(
+def test_run_train_caps_workers_and_checks_distributions_off_while_training(
     prepared, mini_census, tmp_path, record_train_kwargs, monkeypatch, caplog
 ):
     from census_scvi.train import _devices
 
     monkeypatch.setattr(_devices, "_available_cores", lambda: 1)
     cfg = load_config(None, overrides=_overrides(mini_census, "memory", "train.num_workers=4"))
+    before = torch.distributions.Distribution._validate_args
     with caplog.at_level(logging.INFO, logger="census_scvi"), pytest.raises(RuntimeError):
         run_train(cfg, run_dir=_run_dir(prepared, tmp_path, "run"))
     splitter = record_train_kwargs["datasplitter_kwargs"]
     assert splitter["num_workers"] == 1 and splitter["persistent_workers"] is True
     assert "train.num_workers=4 capped at 1" in caplog.text
+    assert record_train_kwargs["validate_args"] is False  # off while training ...
+    assert torch.distributions.Distribution._validate_args is before  # ... restored after
+
+
+def test_distribution_checks_off_restores_on_error():
+    nan = torch.tensor(float("nan"))
+    with pytest.raises(RuntimeError, match="inside"), distribution_checks_off():
+        torch.distributions.Normal(nan, 1.0)  # no check, no error
+        raise RuntimeError("inside")
+    if torch.distributions.Distribution._validate_args:  # python without -O
+        with pytest.raises(ValueError, match="found invalid values"):
+            torch.distributions.Normal(nan, 1.0)

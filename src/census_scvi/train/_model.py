@@ -8,7 +8,9 @@ AnnData that carries the same registry (genes, batch categories) and its cells c
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "build_model",
+    "distribution_checks_off",
     "memory_loader_kwargs",
     "registry_adata",
     "scvi_model_kwargs",
@@ -108,6 +111,29 @@ def memory_loader_kwargs(num_workers: int, *, distributed: bool) -> dict[str, An
         # repeat cells on some ranks (DistributedSampler's default), as stream mode does
         kwargs["drop_dataset_tail"] = True
     return kwargs
+
+
+@contextlib.contextmanager
+def distribution_checks_off() -> Iterator[None]:
+    """Within the block, ``torch.distributions`` objects do not check their arguments.
+
+    Every ``Normal(loc, scale)`` scvi-tools builds (encoder posteriors, prior, library size)
+    checks by default (``Distribution._validate_args``, on unless python runs with ``-O``), and
+    each check reads ``constraint.check(x).all()`` on the host: on a GPU a wait for the device,
+    several times per step. scvi-tools has no switch for it (``scvi.settings`` has none in 1.4;
+    its own count distributions already pass ``validate_args=False``), so torch's process-wide
+    default is turned off here and restored after. What the checks caught while training, NaN
+    parameters from NaN weights, then makes a NaN loss, which
+    :class:`~._callbacks.NonFiniteLossGuard` stops at with its one-line error.
+    """
+    from torch.distributions import Distribution
+
+    before = Distribution._validate_args
+    Distribution.set_default_validate_args(False)
+    try:
+        yield
+    finally:
+        Distribution.set_default_validate_args(before)
 
 
 def build_model(

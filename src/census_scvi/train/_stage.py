@@ -68,6 +68,7 @@ from census_scvi.train._devices import (
 from census_scvi.train._inputs import CELLS_FILE, TrainInputs, read_inputs
 from census_scvi.train._model import (
     build_model,
+    distribution_checks_off,
     memory_loader_kwargs,
     scvi_model_kwargs,
     scvi_plan_kwargs,
@@ -442,14 +443,18 @@ def _trainer_kwargs(
 
 
 def _train(model: Any, kwargs: dict[str, Any], guard: NonFiniteLossGuard) -> None:
-    """``model.train``, Lightning's routine info lines dropped, NaN weights as our error."""
+    """``model.train``, Lightning's routine info lines dropped, NaN weights as our error.
+
+    torch's distribution argument checks are off while training (:func:`distribution_checks_off`):
+    each one waits for the device; NaN weights then surface as a NaN loss, which the guard stops.
+    """
     from census_scvi.train._quiet import quiet_lightning
 
     try:
-        with quiet_lightning():
+        with quiet_lightning(), distribution_checks_off():
             model.train(**kwargs)
     except ValueError as e:
-        # NaN weights usually surface as torch's distribution argument check, not as a NaN loss
+        # a distribution that checks its arguments anyway (validate_args=True) raises on NaN
         if guard.is_nan_error(e):
             raise guard.nan_weights_error() from None
         raise
