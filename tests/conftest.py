@@ -51,3 +51,16 @@ def shared_data(name: str) -> Path:
 def shared_file():
     """``shared_file("x.h5ad")`` -> Path in ../shared/data, skipping the test when absent."""
     return shared_data
+
+
+@pytest.fixture(autouse=True)
+def _census_scvi_logs_reach_caplog():
+    """The CLI (run in-process by CliRunner) points our logger at stderr and stops propagation;
+    undo that before each test so ``caplog`` sees the package's log records."""
+    import logging
+
+    log = logging.getLogger("census_scvi")
+    log.handlers[:] = []
+    log.propagate = True
+    log.setLevel(logging.NOTSET)
+    yield
