@@ -7,14 +7,14 @@ checked to hold raw counts, and the trained model's encoder gives the posterior 
 (:func:`census_scvi.scvi_model.encode_csr`). Below ``map.min_overlap`` of the model's genes the
 query is refused; below ``map.warn_overlap`` a warning is logged.
 
-The alignment repeats the few lines of ``mapping/_genes.py`` that it needs, because a stage may
-not import another stage; it belongs in a shared layer (see the package docstring).
+The raw-count check and the gene-id rules are the shared ones (:mod:`census_scvi.counts`); the
+alignment matrix repeats the few lines of ``mapping/_genes.py``'s ``gene_selection``, because a
+stage may not import another stage; it belongs in a shared layer (see the package docstring).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +24,13 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from census_scvi.counts import (
+    check_counts,
+    clean_gene_ids,
+    is_versioned_ensembl,
+    log_counts_hint,
+    strip_version,
+)
 from census_scvi.errors import CensusScviError
 
 if TYPE_CHECKING:
@@ -33,8 +40,6 @@ if TYPE_CHECKING:
 __all__ = ["encode_query", "gene_selection", "query_gene_ids"]
 
 logger = logging.getLogger(__name__)
-
-_VERSION = re.compile(r"\.\d+$")
 
 
 def query_gene_ids(adata: ad.AnnData, gene_ids: str | None) -> npt.NDArray[np.object_]:
@@ -47,27 +52,22 @@ def query_gene_ids(adata: ad.AnnData, gene_ids: str | None) -> npt.NDArray[np.ob
             msg = f"--gene-ids column '{gene_ids}' is not in the query's var; its columns: {cols}"
             raise CensusScviError(msg, hint="omit --gene-ids to use the var index")
         values = pd.Series(adata.var[gene_ids].to_numpy(), dtype=object)
-    out = values.where(values.notna(), None).to_numpy(dtype=object)
-    for i, v in enumerate(out):
-        if v is not None:
-            s = str(v).strip()
-            out[i] = s if s and s.lower() not in ("nan", "none") else None
-    return out
+    return clean_gene_ids(values.to_numpy())
 
 
 def gene_selection(
     query_ids: npt.NDArray[np.object_], model_ids: Sequence[str]
 ) -> tuple[sp.csr_matrix, int]:
-    """The 0/1 matrix (query genes x model genes) and the number of model genes found."""
+    """The 0/1 matrix (query genes x model genes) and the number of model genes found.
+
+    Ensembl version suffixes are ignored when the model's ids have none.
+    """
     import scipy.sparse as sp
 
     model = pd.Index([str(m) for m in model_ids])
-    strip = not any(_VERSION.search(m) and m.startswith("ENS") for m in model[:50])
+    strip = not any(is_versioned_ensembl(m) for m in model[:50])
     q = np.array(
-        [
-            None if v is None else (_VERSION.sub("", v) if strip and v.startswith("ENS") else v)
-            for v in query_ids
-        ],
+        [None if v is None else (strip_version(v) if strip else v) for v in query_ids],
         dtype=object,
     )
     target = model.get_indexer(pd.Index(q.astype(str)))
@@ -78,27 +78,6 @@ def gene_selection(
         shape=(len(q), len(model)),
     )
     return s, int(np.unique(target[rows]).size)
-
-
-def _check_counts(x: sp.csr_matrix, where: str) -> None:
-    data = np.asarray(x.data)
-    if data.size == 0:
-        return
-    if not np.issubdtype(data.dtype, np.number):
-        msg = f"the query's X has dtype {data.dtype}, not numbers"
-        raise CensusScviError(msg)
-    bad = (
-        (data < 0)
-        if np.issubdtype(data.dtype, np.integer)
-        else (~np.isfinite(data) | (data < 0) | (data != np.round(data)))
-    )
-    if bad.any():
-        example = data[np.flatnonzero(bad)[0]]
-        msg = (
-            f"the query's X is not raw counts ({where}: {int(bad.sum()):,} negative, NaN or "
-            f"non-integer values, e.g. {example:.4g})"
-        )
-        raise CensusScviError(msg, hint="pass the unnormalised UMI/read counts in X")
 
 
 def _csr(x: Any) -> sp.csr_matrix:
@@ -148,10 +127,11 @@ def encode_query(
             "neighbors: only %.1f%% of the model's genes are in the query", 100 * fraction
         )
     out = np.empty((adata.n_obs, encoder.n_latent), dtype=np.float32)
+    hint = log_counts_hint(adata)
     steps = [(a, min(a + chunk_size, adata.n_obs)) for a in range(0, adata.n_obs, chunk_size)]
     for start, stop in track(steps, description="encoding query"):
         x = _csr(adata.X[start:stop])
-        _check_counts(x, f"cells {start}-{stop - 1}")
+        check_counts(x, where=f"cells {start}-{stop - 1}", log_hint=hint)
         out[start:stop] = encode_csr(
             encoder, (x.astype(np.float32) @ s).tocsr(), batch_size=batch_size
         )[0]
