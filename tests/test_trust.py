@@ -208,6 +208,23 @@ def test_stage_redone_when_an_output_is_missing_or_truncated(tmp_path, caplog):
         assert not st.skipped
 
 
+def test_folder_outputs_may_grow_but_not_vanish(tmp_path):
+    with _stage(tmp_path) as st:
+        folder = st.dir / "embedding.soma"
+        folder.mkdir()
+        (folder / "data").write_bytes(b"x" * 100)
+        st.record(figures={}, outputs={"soma": folder})
+    (folder / "__meta").mkdir()  # e.g. the index recording itself in the array's metadata
+    (folder / "__meta" / "m").write_bytes(b"y")
+    with _stage(tmp_path) as st:
+        assert st.skipped
+    import shutil
+
+    shutil.rmtree(folder)
+    with _stage(tmp_path) as st:
+        assert not st.skipped
+
+
 def test_no_manifest_when_the_stage_fails(tmp_path):
     _finish(tmp_path)
     with pytest.raises(RuntimeError), _stage(tmp_path, force=True) as st:

@@ -273,12 +273,16 @@ def output_sizes(run_dir: Path, paths: Mapping[str, Path]) -> dict[str, int]:
 
 
 def _outputs_intact(run_dir: Path, recorded: Mapping[str, Any] | None) -> bool:
-    """Every output the manifest recorded is still there with its recorded size."""
+    """Every output the manifest recorded is still there (files: with their recorded size)."""
     for rel, size in (recorded or {}).items():
         path = run_dir / rel
         if not path.exists():
             logger.info("%s is missing; redoing its stage", path)
             return False
+        if path.is_dir():
+            # a folder (a SOMA array, a saved model) is checked for presence only: later stages
+            # legitimately add to it (the index records itself in embedding.soma's metadata)
+            continue
         now = output_sizes(run_dir, {rel: path})[rel]
         if now != size:
             logger.info("%s changed size (%d -> %d bytes); redoing its stage", path, size, now)
