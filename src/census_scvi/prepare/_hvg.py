@@ -186,6 +186,34 @@ def seurat_v3_from_chunks(
     del s1, s2
 
     # per-batch LOESS fit of log variance on log mean -> regularised std, clip value
+    reg_std, clip_val, used = _fit_batches(
+        b_mean, b_var, counts, batch_names, span=span, max_loess_jitter=max_loess_jitter
+    )
+
+    # pass 2: sums of clipped values
+    c1, c2 = pass_sums(2, clip_val)
+    nb = counts.astype(np.float64).reshape(-1, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        norm_var = (1 / ((nb - 1) * np.square(reg_std))) * (
+            nb * np.square(b_mean) + c2 - 2 * c1 * b_mean
+        )
+    norm_var = norm_var[used]
+    del c1, c2
+
+    return _rank(norm_var, all_mean, all_var, n_top_genes, n_genes)
+
+
+def _fit_batches(
+    b_mean: npt.NDArray[np.float64],
+    b_var: npt.NDArray[np.float64],
+    counts: npt.NDArray[np.int64],
+    batch_names: Sequence[str],
+    *,
+    span: float,
+    max_loess_jitter: float,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    """Per batch: regularised std (LOESS of log variance on log mean), clip value, and used."""
+    n_batches, n_genes = b_mean.shape
     reg_std = np.ones((n_batches, n_genes), dtype=np.float64)
     clip_val = np.zeros((n_batches, n_genes), dtype=np.float64)
     used = np.zeros(n_batches, dtype=bool)
@@ -216,18 +244,17 @@ def seurat_v3_from_chunks(
             f"{int(counts.sum())} cells)"
         )
         raise CensusScviError(msg, hint="select more cells or change hvg.hvg_batch")
+    return reg_std, clip_val, used
 
-    # pass 2: sums of clipped values
-    c1, c2 = pass_sums(2, clip_val)
-    nb = counts.astype(np.float64).reshape(-1, 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        norm_var = (1 / ((nb - 1) * np.square(reg_std))) * (
-            nb * np.square(b_mean) + c2 - 2 * c1 * b_mean
-        )
-    norm_var = norm_var[used]
-    del c1, c2
 
-    # combine batches exactly as scanpy does (SelectIntegrationFeatures in Seurat v3)
+def _rank(
+    norm_var: npt.NDArray[np.float64],
+    all_mean: npt.NDArray[np.float64],
+    all_var: npt.NDArray[np.float64],
+    n_top_genes: int,
+    n_genes: int,
+) -> pd.DataFrame:
+    """Combine batches exactly as scanpy does (SelectIntegrationFeatures in Seurat v3)."""
     ranked = np.argsort(np.argsort(-norm_var, axis=1), axis=1).astype(np.float32)
     nbatches_hv = np.sum(ranked < n_top_genes, axis=0).astype(int)
     ranked[ranked >= n_top_genes] = np.nan

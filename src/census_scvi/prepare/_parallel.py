@@ -77,8 +77,8 @@ def _group_sums(
     clip: npt.NDArray[np.float64] | None,
 ) -> Sums:
     """One worker: sums over its own group of chunks (rows relative to its joinid slice)."""
+    from census_scvi.prepare._genes import _x_layer
     from census_scvi.prepare._hvg import moment_sums
-    from census_scvi.prepare._stage import _x_layer
     from census_scvi.soma import iter_x_chunks
 
     with opener() as experiment:
