@@ -257,6 +257,10 @@ def map_cmd(
     labels: Annotated[
         str, typer.Option("--labels", help="Reference obs column to transfer.")
     ] = "cell_type",
+    truth: Annotated[
+        str | None,
+        typer.Option("--truth", help="Query obs column with known labels: score the predictions."),
+    ] = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
@@ -266,7 +270,7 @@ def map_cmd(
         from census_scvi.mapping import run_map
 
         return run_map(
-            query, run_dir=run, out=out, gene_ids=gene_ids, labels=labels,
+            query, run_dir=run, out=out, gene_ids=gene_ids, labels=labels, truth=truth,
             overrides=set_ or [], force=force,
         )  # fmt: skip
 

@@ -10,11 +10,17 @@
 3. computes the latent with the model's encoder, chunk by chunk (the batch is irrelevant: the
    encoder does not see covariates);
 4. transfers ``labels`` from the reference, the run's embedded cells (``embed/latent.npy``,
-   ``embed/latent-idx.npy``) labelled from the obs of the census in ``RUN_DIR/config.yaml``, by
-   weighted k-NN with a per-cell confidence; ``"unknown"`` under ``map.unknown_threshold``;
+   ``embed/latent-idx.npy``) labelled from the obs of the census the embed manifest records
+   (:mod:`~census_scvi.mapping._census`: checked against its fingerprint, never a demo census
+   built on the spot), by weighted k-NN with a per-cell confidence; ``"unknown"`` under
+   ``map.unknown_threshold``; with ``truth``, scores the predictions against a query column
+   (:mod:`~census_scvi.mapping._truth`);
 5. writes OUT.h5ad (the query plus ``obsm["X_scvi"]``, ``obs["predicted_<labels>"]``,
    ``obs["predicted_<labels>_confidence"]``, ``uns["census_scvi_map"]`` with the overlap report)
    and ``OUT.umap.png`` (query and a reference sample in one UMAP).
+
+Wrong ``--labels`` / ``--truth`` columns, a missing embedding and a census that is not the one
+embedded are refused before the query's X is read.
 
 Examples
 --------
@@ -40,6 +46,7 @@ import pandas as pd
 
 from census_scvi.constants import CONFIG_FILE
 from census_scvi.errors import CensusScviError
+from census_scvi.mapping._census import EmbeddedCensus, embedded_census, open_reference
 from census_scvi.mapping._genes import (
     OverlapReport,
     check_counts,
@@ -48,7 +55,15 @@ from census_scvi.mapping._genes import (
     log_counts_hint,
     query_gene_ids,
 )
+from census_scvi.mapping._picture import draw_map
+from census_scvi.mapping._reference import Reference, check_label_column, reference_sample
 from census_scvi.mapping._transfer import KnnLabelTransfer, TransferResult
+from census_scvi.mapping._truth import (
+    TruthScores,
+    check_truth_column,
+    query_obs_columns,
+    score_truth,
+)
 from census_scvi.rundir import atomic_path, model_dir, refuse_overwrite
 from census_scvi.scvi_model import model_var_names
 
@@ -95,6 +110,8 @@ class MapResult:
         Query cells mapped.
     seconds
         Wall time.
+    truth
+        The scores against ``--truth`` (None without it).
     """
 
     out: Path
@@ -105,18 +122,26 @@ class MapResult:
     mean_confidence: float = float("nan")
     n_cells: int = 0
     seconds: float = 0.0
+    truth: TruthScores | None = None
 
     def summary(self) -> str:
         lines = [
             f"map: {self.n_cells:,} cells in {self.seconds:.0f} s",
             f"  genes: {self.overlap.line()}",
-            f"  predicted {self.label_key} (mean confidence {self.mean_confidence:.2f}):",
         ]
+        if self.overlap.n_duplicate_ids:
+            lines.append(
+                f"  genes: {self.overlap.n_duplicate_ids:,} query column(s) repeat another's "
+                "gene id; their counts are summed"
+            )
+        lines.append(f"  predicted {self.label_key} (mean confidence {self.mean_confidence:.2f}):")
         total = max(self.n_cells, 1)
         for name, n in sorted(self.counts.items(), key=lambda kv: -kv[1])[:12]:
             lines.append(f"    {n:7,} ({n / total:6.1%})  {name}")
         if len(self.counts) > 12:
             lines.append(f"    ... and {len(self.counts) - 12} more labels")
+        if self.truth is not None:
+            lines += self.truth.lines()
         lines.append(f"  wrote {self.out}")
         if self.picture is not None:
             lines.append(f"  picture {self.picture}")
@@ -339,51 +364,16 @@ def _read_query(query: Path) -> ad.AnnData:
     return adata
 
 
-def _reference(
-    config: Config, run_dir: Path, label_key: str
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.object_], npt.NDArray[np.int64]]:
-    """Reference latent rows and labels: a stratified sample of at most map.knn_reference_cells."""
-    from census_scvi.rundir import load_embedding
-    from census_scvi.soma import get_experiment, open_census, read_obs, stratified_indices
+@dataclass
+class _Inputs:
+    """What the checks before the heavy work found: the run's config, model, census, query."""
 
-    latent, joinids = load_embedding(run_dir)
-    with open_census(config) as census:
-        exp = get_experiment(census, config.census.organism)
-        obs = read_obs(exp, joinids, [label_key])
-    labels = obs[label_key].astype(str).to_numpy(dtype=object)
-    keep = stratified_indices(labels, config.map.knn_reference_cells, seed=config.map.seed)
-    return np.asarray(latent[keep], dtype=np.float32), labels[keep], keep
-
-
-def _picture(
-    config: Config,
-    path: Path,
-    z_query: npt.NDArray[np.float32],
-    pred: npt.NDArray[np.object_],
-    z_ref: npt.NDArray[np.float32],
-    ref_labels: npt.NDArray[np.object_],
-    label_key: str,
-) -> None:
-    from census_scvi.plots import draw_umap, umap_coords
-    from census_scvi.soma import stratified_indices
-
-    pick = stratified_indices(ref_labels, config.map.reference_sample_size, seed=config.map.seed)
-    z = np.concatenate([z_ref[pick], z_query])
-    source = np.array(["reference"] * pick.size + ["query"] * z_query.shape[0], dtype=object)
-    labels = np.concatenate([ref_labels[pick], pred]).astype(str)
-    coords = umap_coords(z, seed=config.map.seed)
-    draw_umap(
-        coords,
-        {
-            "query vs reference": source,
-            f"reference {label_key}": np.where(source == "reference", labels, "query cells"),
-            f"query: predicted {label_key}": np.where(source == "query", labels, "reference"),
-        },
-        path,
-        title="scVI latent",
-        order={"query vs reference": ["reference", "query"]},
-        shared_palette=True,
-    )
+    config: Config
+    model: Path
+    model_genes: list[str]
+    census: EmbeddedCensus
+    latent: npt.NDArray[np.float32]
+    joinids: npt.NDArray[np.int64]
 
 
 def run_map(
@@ -393,6 +383,7 @@ def run_map(
     out: str | os.PathLike[str],
     gene_ids: str | None = None,
     labels: str = "cell_type",
+    truth: str | None = None,
     overrides: Sequence[str] = (),
     force: bool = False,
 ) -> MapResult:
@@ -403,14 +394,18 @@ def run_map(
     query
         h5ad of raw counts (cells x genes).
     run_dir
-        A run directory with ``config.yaml``, ``train/<model.filename>`` and ``embed/`` outputs;
-        the reference labels come from the obs of the census its config names.
+        A run directory with ``config.yaml``, ``train/<model.filename>`` and finished ``embed/``
+        outputs; the reference labels come from the obs of the census the embed manifest
+        records (checked against its fingerprint; ``--set census.uri=`` names a moved copy).
     out
         Output h5ad; the picture goes next to it as ``<out stem>.umap.png``.
     gene_ids
         Query var column with the model's gene ids (Ensembl); default the var index.
     labels
         Reference obs column to transfer.
+    truth
+        Query obs column with known labels: the predictions are scored against it
+        (``uns["census_scvi_map"]["truth"]`` and the summary).
     overrides
         ``section.key=value`` settings applied over the run's config (e.g. ``map.n_neighbors=30``).
     force
@@ -420,46 +415,54 @@ def run_map(
     -------
     :class:`MapResult`. OUT.h5ad holds the query plus ``obsm["X_scvi"]``,
     ``obs["predicted_<labels>"]`` (categorical), ``obs["predicted_<labels>_confidence"]`` (float32
-    in [0, 1]) and ``uns["census_scvi_map"]`` (overlap report and settings).
+    in [0, 1]) and ``uns["census_scvi_map"]`` (overlap report, settings, census, truth scores).
+
+    Raises
+    ------
+    CensusScviError
+        Before any heavy work: no run directory, model or finished embedding; a census that is
+        missing or not the one embedded; ``labels`` not in the census obs or ``truth`` not in the
+        query obs (the valid columns listed). Then: low gene overlap, X not raw counts.
     """
     t0 = time.perf_counter()
     query, run_dir, out = Path(query), Path(run_dir), Path(out)
-    config = _run_config(run_dir, overrides)
-    refuse_overwrite(out, force=force, what="output file")
-    model_path = model_dir(run_dir, config.model.filename)
-    adata = _read_query(query)
-    model_genes = [str(g) for g in model_var_names(model_path)]
-    # 1-2. overlap and counts check (one pass over X)
-    report = _checked_overlap(config.map, adata, model_genes, gene_ids)
-    # the reference (fails early on a wrong --labels column or a missing embedding)
-    z_ref, ref_labels, _ = _reference(config, run_dir, labels)
-    # 3. latent
-    t = time.perf_counter()
-    z = encode_query(
-        adata,
-        model_path,
-        gene_ids=gene_ids,
-        chunk_size=config.map.chunk_size,
-        batch_size=config.map.batch_size,
-        accelerator="cpu" if config.train.accelerator == "cpu" else "auto",
-    )
-    logger.info("map: latent of %d cells in %.1f s", adata.n_obs, time.perf_counter() - t)
-    # 4. labels
-    res = transfer_labels(
-        z,
-        z_ref,
-        ref_labels,
-        n_neighbors=config.map.n_neighbors,
-        unknown_threshold=config.map.unknown_threshold,
-        unknown_label=config.map.unknown_label,
-    )
-    # 5. outputs
-    _annotate(adata, z, res, report, labels, config, run_dir, model_path, int(z_ref.shape[0]))
+    inputs = _inputs(run_dir, out, overrides, force=force)
+    columns = query_obs_columns(query)  # from the h5ad's header: X is not read yet
+    check_truth_column(columns, truth, query=query)
+    with open_reference(inputs.census, inputs.config, inputs.joinids) as experiment:
+        check_label_column(experiment, labels)
+        adata = _read_query(query)
+        if columns is None:
+            check_truth_column([str(c) for c in adata.obs.columns], truth, query=query)
+        report = _checked_overlap(inputs.config.map, adata, inputs.model_genes, gene_ids)
+        ref = reference_sample(
+            experiment,
+            inputs.latent,
+            inputs.joinids,
+            labels,
+            n_cells=inputs.config.map.knn_reference_cells,
+            seed=inputs.config.map.seed,
+        )
+    z, res = _predict(inputs, adata, ref, gene_ids)
+    scores = None
+    if truth is not None:
+        scores = score_truth(
+            adata, truth, res, ref.labels, unknown_label=inputs.config.map.unknown_label
+        )
+    _annotate(adata, z, res, report, labels, inputs, run_dir, ref, scores)
     with atomic_path(out) as tmp:
         adata.write_h5ad(tmp)
     picture = out.with_name(f"{out.stem}.umap.png")
     with atomic_path(picture) as tmp:
-        _picture(config, tmp, z, res.labels, z_ref, ref_labels, labels)
+        draw_map(
+            tmp,
+            z,
+            res.labels,
+            ref,
+            labels,
+            n_reference=inputs.config.map.reference_sample_size,
+            seed=inputs.config.map.seed,
+        )
     counts = pd.Series(res.labels.astype(str)).value_counts()
     return MapResult(
         out=out,
@@ -470,13 +473,58 @@ def run_map(
         mean_confidence=float(res.confidence.mean()),
         n_cells=int(adata.n_obs),
         seconds=time.perf_counter() - t0,
+        truth=scores,
     )
+
+
+def _inputs(run_dir: Path, out: Path, overrides: Sequence[str], *, force: bool) -> _Inputs:
+    """The light checks first: run directory, output, model, finished embedding, its census."""
+    from census_scvi.rundir import load_embedding
+
+    config = _run_config(run_dir, overrides)
+    refuse_overwrite(out, force=force, what="output file")
+    model_path = model_dir(run_dir, config.model.filename)
+    model_genes = [str(g) for g in model_var_names(model_path)]  # verifies model.pt first
+    census = embedded_census(run_dir, config, overrides)
+    latent, joinids = load_embedding(run_dir)
+    return _Inputs(config, model_path, model_genes, census, latent, joinids)
+
+
+def _predict(
+    inputs: _Inputs, adata: ad.AnnData, ref: Reference, gene_ids: str | None
+) -> tuple[npt.NDArray[np.float32], TransferResult]:
+    """The query's latent (encoder, chunk by chunk), then the labels by weighted k-NN."""
+    mc = inputs.config.map
+    t = time.perf_counter()
+    z = encode_query(
+        adata,
+        inputs.model,
+        gene_ids=gene_ids,
+        chunk_size=mc.chunk_size,
+        batch_size=mc.batch_size,
+        accelerator="cpu" if inputs.config.train.accelerator == "cpu" else "auto",
+    )
+    logger.info("map: latent of %d cells in %.1f s", adata.n_obs, time.perf_counter() - t)
+    res = transfer_labels(
+        z,
+        ref.z,
+        ref.labels,
+        n_neighbors=mc.n_neighbors,
+        unknown_threshold=mc.unknown_threshold,
+        unknown_label=mc.unknown_label,
+    )
+    return z, res
 
 
 def _checked_overlap(
     mc: MapConfig, adata: ad.AnnData, model_genes: list[str], gene_ids: str | None
 ) -> OverlapReport:
-    """The overlap report; refused under ``map.min_overlap``, a warning under ``warn_overlap``."""
+    """The overlap report; refused under ``map.min_overlap``, a warning under ``warn_overlap``.
+
+    Query columns that share one gene id (a gene listed twice, or ids equal once their Ensembl
+    version is dropped) are summed into that gene, as the counts of one gene measured twice; a
+    warning says how many and names one.
+    """
     report = gene_overlap(adata, model_genes, gene_ids=gene_ids, chunk_size=mc.chunk_size)
     logger.info("map: %s", report.line())
     if report.gene_fraction < mc.min_overlap:
@@ -494,7 +542,24 @@ def _checked_overlap(
             100 * report.gene_fraction,
             100 * mc.warn_overlap,
         )
+    if report.n_duplicate_ids:
+        logger.warning("map: %s", duplicates_line(report, adata, model_genes, gene_ids))
     return report
+
+
+def duplicates_line(
+    report: OverlapReport, adata: ad.AnnData, model_genes: Sequence[str], gene_ids: str | None
+) -> str:
+    """``"N query columns repeat ... (e.g. 'ENSG...'): their counts are summed"``."""
+    s, _, _ = gene_selection(query_gene_ids(adata, gene_ids), model_genes)
+    per_gene = np.diff(s.tocsc().indptr)
+    shared = np.flatnonzero(per_gene > 1)
+    example = f", e.g. {model_genes[int(shared[0])]!r} from {int(per_gene[shared[0]])} columns"
+    return (
+        f"{report.n_duplicate_ids:,} query column(s) repeat the gene id of another "
+        f"({shared.size:,} model gene(s){example if shared.size else ''}): their counts are "
+        "summed into that gene"
+    )
 
 
 def _annotate(
@@ -503,24 +568,29 @@ def _annotate(
     res: TransferResult,
     report: OverlapReport,
     labels: str,
-    config: Config,
+    inputs: _Inputs,
     run_dir: Path,
-    model: Path,
-    n_reference: int,
+    ref: Reference,
+    scores: TruthScores | None,
 ) -> None:
     """Add the latent, the predictions and the map report to the query."""
+    mc = inputs.config.map
     adata.obsm[OBSM_KEY] = z
     adata.obs[f"predicted_{labels}"] = pd.Categorical(res.labels.astype(str))
     adata.obs[f"predicted_{labels}_confidence"] = res.confidence
-    adata.uns[UNS_KEY] = {
-        "overlap": {
-            k: ", ".join(v) if isinstance(v, list) else v for k, v in report.to_dict().items()
-        },
+    overlap = {k: ", ".join(v) if isinstance(v, list) else v for k, v in report.to_dict().items()}
+    overlap["duplicate_ids"] = "summed"
+    uns: dict[str, Any] = {
+        "overlap": overlap,
         "run_dir": str(run_dir.resolve()),
-        "model": str(model.resolve()),
-        "census": str(config.census_uri() or config.census.version),
+        "model": str(inputs.model.resolve()),
+        "census": inputs.census.name(),
         "label_key": labels,
-        "n_neighbors": config.map.n_neighbors,
-        "unknown_threshold": config.map.unknown_threshold,
-        "n_reference_cells": n_reference,
+        "n_neighbors": mc.n_neighbors,
+        "unknown_threshold": mc.unknown_threshold,
+        "n_reference_cells": ref.n_cells,
+        "n_embedded_cells": ref.n_embedded,
     }
+    if scores is not None:
+        uns["truth"] = scores.to_uns()
+    adata.uns[UNS_KEY] = uns
