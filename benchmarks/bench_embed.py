@@ -10,9 +10,15 @@ Each case runs in its own child process, which reports its wall time (after impo
 peak RSS (``ru_maxrss``), so one case's memory never counts against another's. Both approaches
 embed the same cells (``soma_joinid < N``) of one mini census with one model.
 
+``--profile`` instead runs ``run_embed`` with every output on, sampling the child's RSS every
+20 ms and marking each step (rows, chunks, meta/SOMA writes, the minified model's obs read,
+scvi-tools' ``load_query_data`` / ``minify_adata`` / ``save``): per step, the RSS it added over
+the RSS at its start, and the bytes per cell of the growth between two sizes.
+
 Usage::
 
     .venv/bin/python benchmarks/bench_embed.py --sizes 50000 200000
+    .venv/bin/python benchmarks/bench_embed.py --profile --census /tmp/m200k --sizes 50000 200000
 """
 
 from __future__ import annotations
@@ -75,6 +81,137 @@ n_cells = res.n_cells
 """
 
 
+PROFILE = """
+import shutil, threading
+from pathlib import Path
+import psutil
+import census_scvi.embed._stage as stage_mod
+from census_scvi.config import load_config
+from census_scvi.embed import run_embed
+run_dir, census_uri, n, chunk = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+extra_sets = sys.argv[5:]
+proc, samples, marks, running = psutil.Process(), [], [], [True]
+
+def sample():
+    while running[0]:
+        samples.append((time.perf_counter(), proc.memory_info().rss))
+        time.sleep(0.02)
+
+import tracemalloc
+tracemalloc.start()
+stack, traced = [], {}
+
+def traced_mark():
+    # fold the traced peak since the last mark into every open step, then reset it
+    _cur, pk = tracemalloc.get_traced_memory()
+    for entry in stack:
+        entry[2] = max(entry[2], pk)
+    tracemalloc.reset_peak()
+    return tracemalloc.get_traced_memory()[0]
+
+def wrap(owner, name, label):
+    f = getattr(owner, name, None)
+    if f is None:
+        return  # an older layout: not every step exists
+    def step(*a, **k):
+        t = time.perf_counter()
+        cur = traced_mark()
+        stack.append([label, cur, cur])
+        marks.append((label, "start", t, proc.memory_info().rss))
+        try:
+            return f(*a, **k)
+        finally:
+            traced_mark()
+            lab, cur0, pk = stack.pop()
+            traced[lab] = max(traced.get(lab, 0), pk - cur0)
+            marks.append((label, "end", time.perf_counter(), proc.memory_info().rss))
+    setattr(owner, name, step)
+
+import importlib, scvi
+for mod, name, label in [
+    ("census_scvi.embed._chunks", "_rows", "rows (joinids, batch codes, genes)"),
+    ("census_scvi.embed._chunks", "_encode_chunks", "encode chunks"),
+    ("census_scvi.embed._outputs", "write_meta_yml", "meta.yml"),
+    ("census_scvi.embed._outputs", "write_embedding_soma", "embedding.soma"),
+    ("census_scvi.embed._stage", "write_embedding_soma", "embedding.soma"),
+    ("census_scvi.embed._outputs", "select_cells", "minified: obs read"),
+    ("census_scvi.embed._stage", "select_cells", "minified: obs read"),
+    ("census_scvi.embed._outputs", "save_minified_model", "minified: save_minified_model"),
+    ("census_scvi.embed._stage", "save_minified_model", "minified: save_minified_model"),
+]:
+    try:
+        wrap(importlib.import_module(mod), name, label)
+    except ImportError:
+        pass
+for name in ("load_query_data", "minify_adata", "save"):
+    wrap(scvi.model.SCVI, name, "  scvi " + name)
+threading.Thread(target=sample, daemon=True).start()
+shutil.rmtree(run_dir / "embed", ignore_errors=True)
+cfg = load_config(None, overrides=[
+    f"census.uri={census_uri}", "census.demo=null", f"census.obs_query=soma_joinid < {n}",
+    f"embed.chunk_size={chunk}", *extra_sets,
+])
+base = proc.memory_info().rss
+res = run_embed(cfg, run_dir=run_dir, force=True)
+running[0] = False
+n_cells = res.n_cells
+steps = {}
+open_ = {}
+for label, kind, t, rss in marks:
+    if kind == "start":
+        open_[label] = (t, rss)
+        continue
+    t0_, rss0 = open_.pop(label)
+    peak = max([r for tt, r in samples if t0_ <= tt <= t] + [rss0, rss])
+    s = steps.setdefault(label, {"seconds": 0.0, "added": 0, "peak": 0})
+    s["seconds"] += t - t0_
+    s["added"] = max(s["added"], peak - rss0)
+    s["peak"] = max(s["peak"], peak)
+    s["traced"] = traced.get(label, 0)
+extra = {"steps": steps, "base_rss": base}
+print("PROFILE " + json.dumps(extra))
+"""
+
+
+def _profile(run_dir: Path, census_uri: str, sizes: list[int], chunk: str, sets: list[str]) -> None:
+    """Per step: RSS added (peak during the step minus RSS at its start), at each size."""
+    by_size = {}
+    for n in sizes:
+        script = CHILD_PREAMBLE + textwrap.dedent(PROFILE) + CHILD_FOOTER
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(run_dir), census_uri, str(n), chunk, *sets],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        lines = {
+            ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in out.stdout.splitlines() if " " in ln
+        }
+        if "RESULT" not in lines:
+            raise RuntimeError(out.stderr[-3000:])
+        by_size[n] = {**json.loads(lines["RESULT"]), **json.loads(lines["PROFILE"])}
+        r = by_size[n]
+        print(f"{n:>9,} cells: {r['seconds']:.1f} s, peak RSS {r['peak_rss'] / 2**30:.2f} GiB")
+        print(f"    {'step':<36} {'wall':>9}  {'RSS added':>13}  {'traced peak':>12}  (RSS peak)")
+        for label, s in r["steps"].items():
+            print(
+                f"    {label:<36} {s['seconds']:7.1f} s  +{s['added'] / 2**20:8.1f} MiB"
+                f"  {s['traced'] / 2**20:8.1f} MiB  (peak {s['peak'] / 2**20:8.1f} MiB)"
+            )
+    if len(sizes) >= 2:
+        a, b = sizes[0], sizes[-1]
+        ra, rb = by_size[a], by_size[b]
+        print(f"growth per cell between {a:,} and {b:,} cells:")
+        print(f"    {'peak RSS':<36} {(rb['peak_rss'] - ra['peak_rss']) / (b - a):8.0f} B/cell")
+        print(f"    {'step':<36} {'RSS added':>14} {'traced peak':>14}")
+        for label in rb["steps"]:
+            if label in ra["steps"]:
+                sa, sb = ra["steps"][label], rb["steps"][label]
+                d, dt = sb["added"] - sa["added"], sb["traced"] - sa["traced"]
+                print(f"    {label:<36} {d / (b - a):8.0f} B/cell {dt / (b - a):8.0f} B/cell")
+    print(json.dumps(by_size))
+
+
 def _child(code: str, *args: str) -> dict:
     script = CHILD_PREAMBLE + textwrap.dedent(code) + CHILD_FOOTER
     out = subprocess.run(
@@ -86,18 +223,20 @@ def _child(code: str, *args: str) -> dict:
     raise RuntimeError(out.stderr[-3000:])
 
 
-def _setup(work: Path, n_cells: int, n_genes: int, n_hvg: int, n_latent: int) -> tuple[str, Path]:
+def _setup(
+    work: Path, n_cells: int, n_genes: int, n_hvg: int, n_latent: int, census: Path | None = None
+) -> tuple[str, Path]:
     """The mini census and a model trained briefly on 5,000 of its cells (cached in ``work``)."""
     import numpy as np
 
-    from census_scvi.demo import make_mini_census
-
-    census_uri = work / f"mini-{n_cells}x{n_genes}"
+    census_uri = census or work / f"mini-{n_cells}x{n_genes}"
     if not census_uri.exists():
+        from census_scvi.demo import make_mini_census
+
         t = time.perf_counter()
         make_mini_census(census_uri, n_cells=n_cells, n_genes=n_genes, seed=0)
         print(f"built {census_uri} in {time.perf_counter() - t:.0f} s", flush=True)
-    run_dir = work / f"run-{n_cells}x{n_genes}-{n_hvg}-{n_latent}"
+    run_dir = work / f"run-{census_uri.name}-{n_hvg}-{n_latent}"
     model_dir = run_dir / "train" / "scvi.model"
     if not (model_dir / "model.pt").is_file():
         import cellxgene_census
@@ -134,10 +273,18 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=65_536)
     p.add_argument("--work", type=Path, default=Path("/tmp/census-scvi-bench"))
     p.add_argument("--skip-original", action="store_true")
+    p.add_argument("--profile", action="store_true", help="RSS per step of run_embed")
+    p.add_argument("--census", type=Path, help="an existing mini census (default: build one)")
+    p.add_argument("--set", dest="sets", action="append", default=[], help="config override")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    census_uri, run_dir = _setup(args.work, max(args.sizes), args.genes, args.hvg, args.latent)
+    census_uri, run_dir = _setup(
+        args.work, max(args.sizes), args.genes, args.hvg, args.latent, census=args.census
+    )
     model_dir = str(run_dir / "train" / "scvi.model")
+    if args.profile:
+        _profile(run_dir, census_uri, args.sizes, str(args.chunk_size), args.sets)
+        return
 
     rows = []
     for n in args.sizes:

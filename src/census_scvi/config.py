@@ -18,6 +18,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -366,21 +367,68 @@ class EmbedConfig(_Section):
     )
     write_soma: bool = Field(True, description="write embed/embedding.soma")
     round_bfloat16: bool = Field(
-        False, description="round the SOMA embedding to bfloat16 precision, as the Census does"
+        True,
+        description="round embedding.soma's values to bfloat16 precision, as the Census "
+        "contributed-embedding format requires (latent.npy keeps full precision)",
     )
-    write_minified_model: bool = Field(True, description="write embed/final_scvi_optimized/")
-    title: str = Field("census-scvi embedding", description="CxG_embedding_info title")
-    description: str = Field("scVI latent space (posterior mean) trained with census-scvi")
-    submitter_name: str = Field("unknown")
-    submitter_email: str = Field("unknown")
-    submitter_affiliation: str = Field("unknown")
-    doi: str = Field("", description="publication DOI, if any")
+    write_minified_model: bool = Field(
+        True,
+        description="write embed/final_scvi_optimized/ (held in memory whole: ~500 bytes per "
+        "cell with the Census obs; false skips it)",
+    )
+    minified_obs_columns: list[str] | None = Field(
+        None,
+        description="obs columns the minified model keeps (the batch parts always); null: all",
+    )
+    embedding_name: str = Field(
+        "scvi",
+        min_length=1,
+        description="CxG_embedding_info embedding_name: the method's name, as the Census names "
+        "its embeddings (scvi, geneformer, ...)",
+    )
+    title: str = Field(
+        "census-scvi embedding",
+        min_length=1,
+        max_length=128,
+        description="CxG_embedding_info title",
+    )
+    description: str = Field(
+        "scVI latent space (posterior mean) trained with census-scvi", min_length=1, max_length=2048
+    )
+    submitter_name: str = Field("unknown", description="primary_contact name")
+    submitter_email: str = Field("unknown", description="primary_contact email")
+    submitter_affiliation: str = Field("unknown", description="primary_contact affiliation")
+    additional_contacts: list[dict[str, str]] = Field(
+        default_factory=list,
+        description="more contacts: a list of {name, email, affiliation}",
+    )
+    doi: str = Field("", description="publication DOI (10.xxxx/...), not a URL; empty if none")
     embedding_id: str = Field("", description="CxG_embedding_info id (accession), if assigned")
     additional_information: str = Field("", description="CxG_embedding_info free text")
     model_link: str = Field("", description="CxG_embedding_info URL of the published model")
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field(
         "auto", description="device for the encoder forward passes"
     )
+
+    @field_validator("additional_contacts")
+    @classmethod
+    def _contacts(cls, v: list[dict[str, str]]) -> list[dict[str, str]]:
+        want = {"name", "email", "affiliation"}
+        for i, contact in enumerate(v):
+            if set(contact) != want:
+                msg = f"additional_contacts[{i}] has keys {sorted(contact)}; each needs exactly {sorted(want)}"
+                raise ValueError(msg)
+        return v
+
+    @field_validator("doi")
+    @classmethod
+    def _doi_not_url(cls, v: str) -> str:
+        v = v.strip()
+        if v and not re.match(r"^10\.\d{4,9}/\S+$", v):
+            bare = re.sub(r"^(https?://)?(dx\.)?doi\.org/", "", v)
+            msg = f"doi {v!r} is not a DOI (10.xxxx/suffix, not a URL); e.g. {bare!r}"
+            raise ValueError(msg)
+        return v
 
 
 class EvaluateConfig(_Section):

@@ -372,7 +372,7 @@ def save_minified_model(
     out_dir: str | Path,
     *,
     obs: pd.DataFrame,
-    batch_labels: npt.NDArray[np.object_],
+    batch_labels: npt.NDArray[np.object_] | pd.Categorical,
     qz_mean: npt.NDArray[np.float32],
     qz_var: npt.NDArray[np.float32],
     library_size: npt.NDArray[np.float32],
@@ -395,7 +395,8 @@ def save_minified_model(
     obs
         One row per embedded cell (index: str soma_joinid).
     batch_labels
-        Each cell's batch label, stored under the model's batch key.
+        Each cell's batch label, stored under the model's batch key: strings, or a
+        ``pandas.Categorical`` (codes into a few labels: no string per cell is held).
     qz_mean, qz_var, library_size
         Per-cell posterior mean, variance and total counts over the model's genes.
     seed
@@ -413,10 +414,15 @@ def save_minified_model(
     if not (len(qz_mean) == len(qz_var) == len(library_size) == len(batch_labels) == n):
         msg = "obs, batch labels, latent and library size lengths differ"
         raise AssertionError(msg)
+    labels = (
+        batch_labels
+        if isinstance(batch_labels, pd.Categorical)
+        else pd.Categorical(np.asarray(batch_labels).astype(str))
+    )
     with _verified_model(model_dir) as saved:
         info = _info(_checked_registry(model_dir, saved))
-        obs = obs.copy()
-        obs[info.batch_key] = pd.Categorical(np.asarray(batch_labels).astype(str))
+        obs = obs.copy(deep=False)  # the caller's columns, shared; one column added
+        obs[info.batch_key] = labels
         adata = ad.AnnData(
             X=sp.csr_matrix((n, len(info.var_names)), dtype=np.float32),
             obs=obs,

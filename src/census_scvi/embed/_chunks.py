@@ -94,20 +94,23 @@ def embed_chunks(
 
 
 def _rows(config: Config, experiment: Any, encoder: EncoderModel) -> _Rows:
-    """The selected cells (ascending soma_joinid), their batch codes, the model's genes."""
-    from census_scvi.batches import batch_labels
+    """The selected cells (ascending soma_joinid), their batch codes, the model's genes.
+
+    Per cell only the joinid and the model's batch code are kept (16 bytes); the batch parts
+    are read as categoricals and combined over their distinct values, never a string per cell.
+    """
+    from census_scvi.batches import batch_codes
 
     keys = list(config.anndata.batch_key) if encoder.encodes_batch else []
     obs = select_cells(experiment, config.census.obs_query, keys)
     joinids = obs[SOMA_JOINID].to_numpy(dtype=np.int64)
-    labels = (
-        batch_labels(obs, keys, config.anndata.batch_key_separator)
-        if encoder.encodes_batch
-        else None
-    )
-    codes = batch_indices(encoder, labels, len(obs))
+    if encoder.encodes_batch:
+        codes, names = batch_codes(obs, keys, config.anndata.batch_key_separator)
+        model_codes = batch_indices(encoder, names, len(names))[codes]
+    else:
+        model_codes = batch_indices(encoder, None, len(obs))
     del obs  # per-cell metadata is the one thing held for every cell: drop it before reading
-    return _Rows(joinids, codes, map_genes(experiment, list(encoder.var_names)))
+    return _Rows(joinids, model_codes, map_genes(experiment, list(encoder.var_names)))
 
 
 def _plan(config: Config, encoder: EncoderModel, rows: _Rows, fingerprint: str) -> dict[str, Any]:

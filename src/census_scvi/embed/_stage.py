@@ -12,9 +12,14 @@ Outputs in ``RUN_DIR/embed/``:
   equal to ``SCVI.load_query_data(...).get_latent_representation(return_dist=True)``;
 - ``latent-idx.npy``: int64 soma_joinid of each row (ascending);
 - ``embedding.soma``: SOMA SparseNDArray (soma_joinid x latent dim) with ``CxG_embedding_info``
-  metadata, as the Census contributed-embedding format defines;
+  metadata, as the Census contributed-embedding format defines (values rounded to bfloat16);
+- ``meta.yml``: that metadata as the Census contribution tooling reads it;
 - ``final_scvi_optimized/``: the query model saved with a minified AnnData (obs + latent, no X);
-- ``progress.json`` (finished chunks) and ``manifest.json`` (written last).
+- ``progress.json`` (finished chunks) and ``manifest.json`` (written last; its ``census``
+  records the census read and its fingerprint, which ``map`` checks).
+
+A full disk fails at allocation of the arrays, or at a later write, with one line (``need N GiB
+free in DIR; M GiB free``) and nothing half-written left visible.
 
 Examples
 --------
@@ -33,8 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from census_scvi.constants import (
     EMBED_DIR,
     EMBEDDING_SOMA,
@@ -42,28 +45,22 @@ from census_scvi.constants import (
     LATENT_IDX_FILE,
     LATENT_VAR_FILE,
     MINIFIED_MODEL_DIR,
-    SOMA_JOINID,
     STAGE_LOCK,
 )
+from census_scvi.embed._census import census_record
 from census_scvi.embed._chunks import CHUNK_SLEEP_ENV, ChunkRun, embed_chunks
-from census_scvi.embed._io import (
-    census_version_of,
-    embedding_info,
-    round_bfloat16,
-    select_cells,
-    write_embedding_soma,
-)
-from census_scvi.embed._store import EmbedStore
+from census_scvi.embed._embedding import META_YML, round_bfloat16
+from census_scvi.embed._outputs import embedding_metadata, write_outputs
+from census_scvi.embed._store import EmbedStore, disk_full, is_disk_full
 from census_scvi.errors import CensusScviError
 from census_scvi.rundir import (
     StageRun,
-    atomic_path,
     file_hash,
     model_dir,
     peak_rss_bytes,
     run_stage,
 )
-from census_scvi.scvi_model import encode_csr, load_encoder, model_file, save_minified_model
+from census_scvi.scvi_model import encode_csr, load_encoder, model_file
 from census_scvi.soma import census_fingerprint
 
 if TYPE_CHECKING:
@@ -81,6 +78,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _GIB = 1024**3
+#: A rough size of one cell's obs row in the minified model (for the disk-full message only).
+_OBS_BYTES_PER_CELL = 64
 
 #: The config sections whose hash identifies an embed run (run_stage's manifest).
 _SECTIONS = ("census", "anndata", "embed")
@@ -88,7 +87,14 @@ _SECTIONS = ("census", "anndata", "embed")
 #: other values keeps the finished chunks (they are left out of the plan's fingerprint).
 _EXECUTION_ONLY = ("batch_size", "io_block_size", "accelerator")
 #: What the manifest lists, when present.
-_OUTPUTS = (LATENT_FILE, LATENT_VAR_FILE, LATENT_IDX_FILE, EMBEDDING_SOMA, MINIFIED_MODEL_DIR)
+_OUTPUTS = (
+    LATENT_FILE,
+    LATENT_VAR_FILE,
+    LATENT_IDX_FILE,
+    META_YML,
+    EMBEDDING_SOMA,
+    MINIFIED_MODEL_DIR,
+)
 
 
 @dataclass
@@ -208,7 +214,28 @@ def run_embed(
     ) as stage:
         if stage.skipped:
             return _skipped(run_dir, stage.figures)
-        return _embed(config, stage, mdir, shard=shard, merge=merge, launched=launched, force=force)
+        try:
+            return _embed(
+                config, stage, mdir, shard=shard, merge=merge, launched=launched, force=force
+            )
+        except CensusScviError:
+            raise
+        except Exception as e:
+            if is_disk_full(e):  # a write after the arrays (progress, SOMA, minified model)
+                raise _out_of_space(config, EmbedStore(stage.dir)) from None
+            raise
+
+
+def _out_of_space(config: Config, store: EmbedStore) -> CensusScviError:
+    """The disk-full line, with about how much the outputs written after the arrays need."""
+    plan = (store.read_progress() or {}).get("plan") or {}
+    n, k = int(plan.get("n_cells", 0)), int(plan.get("n_latent", 0))
+    need = 0
+    if config.embed.write_soma:
+        need += n * k * 4  # float32 values; the coordinates compress to little
+    if config.embed.write_minified_model:
+        need += n * (2 * k * 4 + _OBS_BYTES_PER_CELL)
+    return disk_full(store.dir, need or None, about=True)
 
 
 def _check_args(shard: tuple[int, int] | None, merge: bool, force: bool) -> None:
@@ -284,14 +311,14 @@ def _embed(
         if shard is not None:  # rank 0 of a launch waits for the other ranks' chunks
             result.chunks_done = len(_wait_for_chunks(store, plan["n_chunks"]))
         _require_every_chunk(store, plan)
-        info = _embedding_info(config, census, plan)
-        _finalize(config, experiment, mdir, store, info)
+        info = embedding_metadata(config, census, plan)
+        write_outputs(config, experiment, mdir, store, info)
+        record = census_record(config, experiment, store.joinids(), release=info["census_version"])
     result.complete = True
     result.peak_rss_bytes = peak_rss_bytes()
     figures = _figures(store, plan, info, stage, merge=merge, rss=result.peak_rss_bytes)
     outputs = {n: store.path(n) for n in _OUTPUTS if store.path(n).exists()}
-    census_read = {"uri": config.census_uri(), "version": config.census.version}
-    stage.record(figures=figures, outputs=outputs, census=census_read)
+    stage.record(figures=figures, outputs=outputs, census=record)
     result.seconds = result.seconds or stage.timer.seconds
     result.figures = figures
     logger.info("embed: %d cells written to %s", plan["n_cells"], stage.dir)
@@ -358,27 +385,6 @@ def _wait_for_chunks(store: EmbedStore, n_chunks: int, poll_s: float = 2.0) -> s
 # ----------------------------------------------------------------------------------------------
 # outputs
 # ----------------------------------------------------------------------------------------------
-def _embedding_info(config: Config, census: Any, plan: dict[str, Any]) -> dict[str, Any]:
-    from census_scvi.soma._open import experiment_name
-
-    e = config.embed
-    return embedding_info(
-        embedding_id=e.embedding_id,
-        title=e.title,
-        description=e.description,
-        contact=(e.submitter_name, e.submitter_email, e.submitter_affiliation),
-        doi=e.doi,
-        additional_information=e.additional_information,
-        model_link=e.model_link,
-        census_version=census_version_of(
-            census, config.census.version if config.census_uri() is None else None
-        ),
-        experiment_name=experiment_name(config.census.organism),
-        n_embeddings=plan["n_cells"],
-        n_features=plan["n_latent"],
-    )
-
-
 def _figures(
     store: EmbedStore,
     plan: dict[str, Any],
@@ -408,50 +414,3 @@ def _figures(
         "peak_rss_bytes": max([rss, *[r["peak_rss_bytes"] for r in runs]]),
         "embedding_info": info,
     }
-
-
-def _finalize(
-    config: Config, experiment: Any, mdir: Path, store: EmbedStore, info: dict[str, Any]
-) -> None:
-    """Write the SOMA embedding and the minified model from the finished outputs."""
-    if config.embed.write_soma:
-        latent, _, _ = store.open_outputs("r")
-        joinids = store.joinids()
-        n_obs = max(int(experiment.obs.count), int(joinids[-1]) + 1)
-        with atomic_path(store.path(EMBEDDING_SOMA)) as tmp:
-            write_embedding_soma(
-                tmp,
-                latent=latent,
-                joinids=joinids,
-                n_obs=n_obs,
-                info=info,
-                bfloat16=config.embed.round_bfloat16,
-            )
-    if config.embed.write_minified_model:
-        _write_minified_model(config, experiment, mdir, store)
-
-
-def _write_minified_model(config: Config, experiment: Any, mdir: Path, store: EmbedStore) -> None:
-    """``final_scvi_optimized/``: the query model with every cell's obs and latent, no counts."""
-    from census_scvi.batches import batch_labels
-
-    latent, latent_var, libsize = store.open_outputs("r")
-    columns = [c for c in experiment.obs.keys() if c != SOMA_JOINID]
-    obs = select_cells(experiment, config.census.obs_query, columns)
-    if not np.array_equal(obs[SOMA_JOINID].to_numpy(), store.joinids()):
-        msg = "the census's cells changed since embedding (obs_query selects other cells)"
-        raise CensusScviError(msg, hint="rerun with --force")
-    labels = batch_labels(obs, config.anndata.batch_key, config.anndata.batch_key_separator)
-    obs.index = obs[SOMA_JOINID].astype(str).to_numpy()
-    with atomic_path(store.path(MINIFIED_MODEL_DIR)) as tmp:
-        save_minified_model(
-            mdir,
-            tmp,
-            obs=obs,
-            batch_labels=labels,
-            qz_mean=np.asarray(latent),
-            qz_var=np.asarray(latent_var),
-            library_size=np.asarray(libsize),
-            seed=config.train.seed,
-            accelerator=config.embed.accelerator,
-        )

@@ -1,7 +1,9 @@
 """The embed stage's on-disk state: preallocated outputs and ``progress.json``.
 
-Outputs are ``.npy`` files preallocated at full size (``numpy.lib.format.open_memmap``); each
-chunk's rows are written in place, flushed, and only then recorded as done in ``progress.json``.
+Outputs are ``.npy`` files preallocated at full size (``numpy.lib.format.open_memmap``) with their
+disk blocks reserved (``posix_fallocate``: a full disk fails at allocation with one line, not with
+SIGBUS half-way through); each chunk's rows are written in place, flushed, and only then
+recorded as done in ``progress.json``.
 A run killed at any point therefore resumes from the chunks recorded, recomputing at most the
 chunk in flight, and never duplicates a row (row positions are fixed by the plan).
 
@@ -15,9 +17,11 @@ whose flock is coherent (NFSv4, Lustre with flock mounted).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,11 +41,70 @@ from census_scvi.constants import (
     MINIFIED_MODEL_DIR,
     PROGRESS_FILE,
 )
+from census_scvi.embed._embedding import META_YML
+from census_scvi.errors import CensusScviError
 from census_scvi.rundir import write_json_atomic
 
-__all__ = ["EmbedStore", "chunk_bounds", "shard_chunks"]
+__all__ = ["EmbedStore", "chunk_bounds", "disk_full", "is_disk_full", "shard_chunks"]
 
 logger = logging.getLogger(__name__)
+
+_GIB = 1024**3
+#: An upper bound of a .npy header (numpy pads it to a multiple of 64 bytes; ours are ~128).
+_HEADER_BYTES = 4096
+#: The preallocated arrays of one embed folder.
+_ARRAYS = (LATENT_FILE, LATENT_VAR_FILE, LATENT_IDX_FILE, LATENT_LIBSIZE_FILE)
+#: posix_fallocate errors that mean "this file system cannot reserve", not "the disk is full".
+_NO_FALLOCATE = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
+
+
+def _gib(n: int) -> str:
+    return f"{n / _GIB:.2f}" if n >= 0.01 * _GIB else f"{n / _GIB:.2g}"
+
+
+def disk_full(
+    directory: Path, need: int | None, free: int | None = None, *, about: bool = False
+) -> CensusScviError:
+    """The one-line error of a full disk: ``need N GiB free in DIR; M GiB free``.
+
+    ``about``: ``need`` is an estimate (of the outputs written after the chunks, which stay).
+    """
+    if free is None:
+        free = shutil.disk_usage(directory).free
+    what = (
+        f"need {'about ' if about else ''}{_gib(need)} GiB free in {directory}"
+        if need
+        else f"no space left in {directory}"
+    )
+    rerun = "rerun (the finished chunks are kept)" if about else "rerun"
+    return CensusScviError(
+        f"{what}; {_gib(free)} GiB free",
+        hint=f"free disk space (or use a run directory on a larger disk, -o), then {rerun}",
+    )
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """An ENOSPC, as Python, TileDB or HDF5 report it."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    return "No space left on device" in str(e)
+
+
+def _reserve(path: Path, size: int, directory: Path, *, need: int | None = None) -> None:
+    """Reserve ``size`` bytes of disk blocks for ``path`` (a full disk: :func:`disk_full`)."""
+    if size == 0 or not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise disk_full(directory, need or size) from None
+        if e.errno not in _NO_FALLOCATE:
+            raise
+        logger.debug("cannot preallocate %s (%s); writing it unreserved", path, e)
+    finally:
+        os.close(fd)
 
 
 def chunk_bounds(chunk: int, chunk_size: int, n_cells: int) -> tuple[int, int]:
@@ -141,7 +204,7 @@ class EmbedStore:
 
     def clear(self) -> None:
         """Remove every output, the progress record and the manifest."""
-        for name in (MANIFEST_FILE, PROGRESS_FILE):
+        for name in (MANIFEST_FILE, PROGRESS_FILE, META_YML):
             self.path(name).unlink(missing_ok=True)
         for name in (LATENT_FILE, LATENT_VAR_FILE, LATENT_IDX_FILE, LATENT_LIBSIZE_FILE):
             self.path(name).unlink(missing_ok=True)
@@ -176,6 +239,10 @@ class EmbedStore:
                 and progress.get("plan") == plan
                 and self._outputs_ok(plan)
             ):
+                # files of an earlier run may be sparse: reserve their blocks before writing
+                for name in _ARRAYS:
+                    path = self.path(name)
+                    _reserve(path, path.stat().st_size, self.dir)
                 return progress
             if progress is not None and not reset:
                 logger.warning(
@@ -183,20 +250,47 @@ class EmbedStore:
                     self.dir,
                 )
             self.clear()
-            n, k = plan["n_cells"], plan["n_latent"]
-            fmt = np.lib.format
-            for name in (LATENT_FILE, LATENT_VAR_FILE):
-                fmt.open_memmap(self.path(name), mode="w+", dtype=np.float32, shape=(n, k)).flush()
-            fmt.open_memmap(
-                self.path(LATENT_LIBSIZE_FILE), mode="w+", dtype=np.float32, shape=(n,)
-            ).flush()
-            idx = fmt.open_memmap(self.path(LATENT_IDX_FILE), mode="w+", dtype=np.int64, shape=(n,))
-            idx[:] = joinids
-            idx.flush()
-            del idx
+            self._allocate(plan, joinids)
             progress = {"plan": plan, "done": [], "runs": []}
             self._write_progress(progress)  # last: its presence means the outputs exist
             return progress
+
+    def _allocate(self, plan: dict[str, Any], joinids: npt.NDArray[np.int64]) -> None:
+        """Create the four arrays at full size with their disk blocks reserved, or none.
+
+        Each is made under a temporary name, reserved with ``posix_fallocate`` (a memory map
+        written into a sparse file on a full disk dies of SIGBUS, with no message), and renamed
+        only when all four are: a full disk fails here, in one line, leaving nothing behind.
+        """
+        n, k = plan["n_cells"], plan["n_latent"]
+        shapes: dict[str, tuple[tuple[int, ...], type[np.generic]]] = {
+            LATENT_FILE: ((n, k), np.float32),
+            LATENT_VAR_FILE: ((n, k), np.float32),
+            LATENT_LIBSIZE_FILE: ((n,), np.float32),
+            LATENT_IDX_FILE: ((n,), np.int64),
+        }
+        need = sum(
+            _HEADER_BYTES + int(np.prod(sh)) * np.dtype(dt).itemsize for sh, dt in shapes.values()
+        )
+        free = shutil.disk_usage(self.dir).free
+        if need > free:
+            raise disk_full(self.dir, need, free)
+        tmps = {name: self.dir / f".{name}.tmp-{os.getpid()}" for name in shapes}
+        try:
+            for name, (shape, dtype) in shapes.items():
+                arr = np.lib.format.open_memmap(tmps[name], mode="w+", dtype=dtype, shape=shape)
+                del arr  # the header is written, the data still a hole
+                _reserve(tmps[name], tmps[name].stat().st_size, self.dir, need=need)
+            idx = np.load(tmps[LATENT_IDX_FILE], mmap_mode="r+")
+            idx[:] = joinids
+            idx.flush()
+            del idx
+        except BaseException:
+            for tmp in tmps.values():
+                tmp.unlink(missing_ok=True)
+            raise
+        for name, tmp in tmps.items():
+            tmp.replace(self.path(name))
 
     def open_outputs(
         self, mode: Literal["r+", "r"] = "r+"
