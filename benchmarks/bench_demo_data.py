@@ -1,12 +1,18 @@
 """Mini census generation: wall time, cells/s and peak RSS at two sizes (each in its own process).
 
-Usage: python benchmarks/bench_demo_data.py [--sizes 100000 1000000] [--genes 2000] [--out DIR]
+Usage: python benchmarks/bench_demo_data.py [--sizes 100000 1000000] [--genes 2000]
+       [--shape default|census] [--processes P] [--out DIR]
+
+The peak RSS is the parent's; the writers' largest is printed beside it (``writer RSS``).
 
 ``--x-write N`` instead times the X write alone for N human cells, three ways, each in its own
 process on the same generated counts (generation not timed): ``global`` (the generator's
-:class:`~census_scvi.soma._writer.CountsWriter`, global-order writes), ``unordered`` (the same
-4M-value writes left for TileDB to sort, the generator's path before) and ``from_anndata``
+:class:`~census_scvi.soma._writer.CountsWriter`, one global-order fragment), ``unordered`` (the
+same 4M-value writes left for TileDB to sort, the generator's path before) and ``from_anndata``
 (``tiledbsoma.io.from_anndata`` of the whole matrix, build-census's path).
+
+``--sample GENES`` instead times the count sampler alone (CPU per cell, no writing) at GENES human
+genes: the census shape (256 dense genes, the rest sparse) against every gene sampled densely.
 """
 
 from __future__ import annotations
@@ -22,15 +28,18 @@ _X_SETUP = """
 import time
 import numpy as np
 import scipy.sparse as sp
-from census_scvi.demo._model import BLOCK_CELLS, block_counts, design
-from census_scvi.soma._writer import CountsWriter, create_census_root, create_experiment
+from census_scvi.demo._model import SHAPES, block_cells, block_rng, design
+from census_scvi.demo._sample import block_counts
+from census_scvi.soma._writer import (
+    CountsWriter, create_census_root, create_counts_array, create_experiment,
+)
 
-d = design("homo_sapiens", {n}, {genes}, 0)
+d = design("homo_sapiens", {n}, {genes}, 0, SHAPES["default"])
 blocks = []
-for start in range(0, d.n_cells, BLOCK_CELLS):
-    counts = block_counts(d, start, min(start + BLOCK_CELLS, d.n_cells), 0)
-    r, c = np.nonzero(counts)
-    blocks.append((r.astype(np.int64) + start, c, counts[r, c]))
+for b in range(d.n_blocks):
+    x = block_counts(d, block_cells(d, b, 0), block_rng(d, b, 0, 1))
+    order = np.lexsort((x.cols, x.rows))  # row-major, as CountsWriter.append takes them
+    blocks.append((x.rows[order], x.cols[order], x.values[order]))
 root = {root!r}
 create_census_root(root, created_by="bench")
 ms = create_experiment(root + "/census_data", "homo_sapiens") + "/ms/RNA"
@@ -39,16 +48,14 @@ t0 = time.perf_counter()
 
 _X_MODES = {
     "global": """
-with CountsWriter(ms, (d.n_cells, d.n_genes)) as w:
+with CountsWriter(create_counts_array(ms, (d.n_cells, d.n_genes)), checked=False) as w:
     for r, c, v in blocks:
         w.append(r, c, v)
 """,
     "unordered": """
-from tiledbsoma.options import TileDBWriteOptions
-w = CountsWriter(ms, (d.n_cells, d.n_genes))
-w._array.close()
 import pyarrow as pa, tiledbsoma as soma
-with soma.SparseNDArray.open(ms + "/X/raw", "w") as arr:
+uri = create_counts_array(ms, (d.n_cells, d.n_genes))
+with soma.SparseNDArray.open(uri, "w") as arr:
     buf, n = [], 0
     for piece in blocks + [None]:
         if piece is not None:
@@ -90,14 +97,49 @@ def x_write(n: int, genes: int, root: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+_SAMPLE = """
+import resource
+from census_scvi.demo._model import SHAPES, Shape, block_cells, block_rng, design
+from census_scvi.demo._sample import block_counts
+
+shape = SHAPES["census"] if {census} else Shape("dense", "lognormal", None)
+d = design("homo_sapiens", 4 * 2048, {genes}, 0, shape)
+cells = [block_cells(d, b, 0) for b in range(4)]
+block_counts(d, cells[0], block_rng(d, 0, 0, 1))  # warm-up (caches)
+r0 = resource.getrusage(resource.RUSAGE_SELF)
+nnz = sum(len(block_counts(d, c, block_rng(d, b, 0, 1)).values) for b, c in enumerate(cells[1:], 1))
+r1 = resource.getrusage(resource.RUSAGE_SELF)
+n = sum(c.n for c in cells[1:])
+extra = {{"cpu_us": (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / n * 1e6,
+          "nnz": nnz / n}}
+"""
+
+
+def sample(genes: int) -> None:
+    for census in (True, False):
+        r = measure(_SAMPLE.format(census=census, genes=genes))
+        name = "census shape (256 dense)" if census else "every gene dense"
+        print(
+            f"sampler {name:>24}, {genes:,} genes: {r['cpu_us']:6.0f} us CPU per cell, "
+            f"{r['nnz']:,.0f} non-zeros per cell",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--genes", type=int, default=2000)
+    ap.add_argument("--shape", choices=["default", "census"], default="default")
+    ap.add_argument("--processes", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--x-write", type=int, default=None, metavar="N")
+    ap.add_argument("--sample", type=int, default=None, metavar="GENES")
     args = ap.parse_args()
     root = Path(args.out or tempfile.mkdtemp(prefix="bench-demo-"))
+    if args.sample:
+        sample(args.sample)
+        return
     if args.x_write:
         x_write(args.x_write, args.genes, root)
         return
@@ -108,15 +150,17 @@ def main() -> None:
         r = measure(
             f"""
             from census_scvi.demo import make_mini_census
-            make_mini_census({str(path)!r}, n_cells={n}, n_genes={args.genes}, seed=0)
+            res = make_mini_census({str(path)!r}, n_cells={n}, n_genes={args.genes}, seed=0,
+                                   shape={args.shape!r}, processes={args.processes!r})
+            extra = {{"writer_rss": res.writer_peak_rss_bytes, "processes": res.processes}}
             """
         )
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
         rows.append((n, r["wall_s"], n / r["wall_s"], r["peak_rss_bytes"], size))
         print(
-            f"cells={n:>9,} genes={args.genes:,}: {r['wall_s']:7.1f} s  "
-            f"{n / r['wall_s']:8,.0f} cells/s  peak RSS {gib(r['peak_rss_bytes'])}  "
-            f"on disk {gib(size)}",
+            f"cells={n:>9,} genes={args.genes:,} shape={args.shape} P={r['processes']}: "
+            f"{r['wall_s']:7.1f} s  {n / r['wall_s']:8,.0f} cells/s  peak RSS "
+            f"{gib(r['peak_rss_bytes'])} (writer RSS {gib(r['writer_rss'])})  on disk {gib(size)}",
             flush=True,
         )
         if args.out is None:

@@ -312,6 +312,7 @@ def test_counts_writer_global_order_round_trips(tmp_path, n_genes):
         X_TILE,
         CountsWriter,
         create_census_root,
+        create_counts_array,
         create_experiment,
     )
 
@@ -322,7 +323,7 @@ def test_counts_writer_global_order_round_trips(tmp_path, n_genes):
     rng = np.random.default_rng(0)
     dense = (rng.random((n_cells, n_genes)) < 0.01) * rng.integers(1, 9, (n_cells, n_genes))
     dense = dense.astype(np.float32)
-    with CountsWriter(ms, (n_cells, n_genes), buffer_nnz=20_000) as w:
+    with CountsWriter(create_counts_array(ms, (n_cells, n_genes)), buffer_nnz=20_000) as w:
         for start in range(0, n_cells, 1000):  # pieces that do not align with the tiles
             r, c = np.nonzero(dense[start : start + 1000])
             w.append(r + start, c, dense[start : start + 1000][r, c])
@@ -335,3 +336,4 @@ def test_counts_writer_global_order_round_trips(tmp_path, n_genes):
             shape=(n_cells, n_genes),
         )
     np.testing.assert_array_equal(got.toarray(), dense)
+    assert len(list((tmp_path / "c").rglob("__fragments/*"))) == 1  # one global-order write

@@ -138,8 +138,32 @@ def _print_result(result: Any) -> None:
 def demo_data(
     path: Annotated[Path, typer.Argument(help="Folder to write the mini census into.")],
     cells: Annotated[int, typer.Option("--cells", min=100, help="Human cells.")] = 20_000,
-    genes: Annotated[int, typer.Option("--genes", min=100, help="Human genes.")] = 2_000,
+    genes: Annotated[
+        int | None,
+        typer.Option(
+            "--genes", min=100, help="Human genes [default: 2000; 20000 with --shape census]."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Random seed.")] = 0,
+    shape: Annotated[
+        str,
+        typer.Option(
+            "--shape",
+            help="default: ~1,000 non-zeros per cell at 2,000 genes; census: Census-like, "
+            "~2,000 non-zeros per cell at 20,000 genes (so 8,000 HVGs make sense).",
+        ),
+    ] = "default",
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--processes",
+            min=1,
+            max=64,
+            help="Writer processes, each writing its own range of cells "
+            "[default: the CPU count, at most 8, one per 16,384 cells]. "
+            "The census is the same for any number.",
+        ),
+    ] = None,
     force: ForceOpt = False,
 ) -> None:
     """Write the mini census: a small SOMA census in the Census layout and schema."""
@@ -147,7 +171,15 @@ def demo_data(
     def go() -> Any:
         from census_scvi.demo import make_mini_census
 
-        return make_mini_census(path, n_cells=cells, n_genes=genes, seed=seed, force=force)
+        return make_mini_census(
+            path,
+            n_cells=cells,
+            n_genes=genes,
+            seed=seed,
+            force=force,
+            shape=shape,  # type: ignore[arg-type]
+            processes=processes,
+        )
 
     _print_result(_guard(go))
 

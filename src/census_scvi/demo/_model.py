@@ -1,21 +1,30 @@
-"""The mini census's generative model: per-organism design (in memory) and per-block counts.
+"""The mini census's generative model: per-organism design and per-block cells.
 
-Splatter-style: gamma gene means with high-expression outliers; a cell-type hierarchy (classes,
-then subtypes) with differentially expressed genes at each level; gene-wise multiplicative batch
+Splatter-style: gene means with high-expression outliers; a cell-type hierarchy (classes, then
+subtypes) with differentially expressed genes at each level; gene-wise multiplicative batch
 effects by assay, dataset and donor (and nucleus vs cell); log-normal library sizes by assay;
-negative-binomial (gamma-Poisson) noise. About 10% of each block's cells are non-primary copies
-of other cells of the block, and a few percent are low quality (small libraries, nnz < 300).
+negative-binomial counts (:mod:`census_scvi.demo._sample`). About 10% of each block's cells are
+non-primary copies of other cells of the block, and a few percent are low quality (small
+libraries, nnz < 300).
 
-Determinism: the design draws from one stream seeded by ``(seed, organism)``, in a fixed order (the
-step functions below are called in the order they draw); the counts of block ``start`` draw from
-their own stream ``(seed, organism, start)``, so the output is identical for a seed whatever the
-write batching or thread timing.
+Two shapes (:data:`SHAPES`): ``default`` (gamma gene means; at 2,000 genes ~1,000 non-zeros per
+cell, every gene sampled densely) and ``census`` (log-normal gene means spanning orders of
+magnitude as in real data: at 20,000 genes ~1,500-2,500 non-zeros per cell, so 8,000 HVGs make
+sense; the 256 most expressed genes are sampled densely, the rest sparsely).
+
+Determinism: the design (genes, datasets, profiles: nothing per cell) draws from one stream seeded
+by ``(seed, organism)`` in a fixed order (the step functions below are called in the order they
+draw). Block ``b`` (cells ``[b * BLOCK_CELLS, (b + 1) * BLOCK_CELLS)``) draws its cells' metadata
+from the stream ``(seed, organism, b, 0)`` and its counts from ``(seed, organism, b, 1)``, so the
+census is a function of the seed alone: identical whatever the number of writer processes or the
+order blocks are written in, and memory is bounded by one block, not by the cell count.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -23,9 +32,21 @@ if TYPE_CHECKING:
     import numpy.typing as npt
     import pandas as pd
 
-__all__ = ["ASSAYS", "BLOCK_CELLS", "NNZ_MIN", "TISSUES", "Design", "block_counts", "design"]
+__all__ = [
+    "ASSAYS",
+    "BLOCK_CELLS",
+    "NNZ_MIN",
+    "SHAPES",
+    "TISSUES",
+    "Cells",
+    "Design",
+    "Shape",
+    "block_cells",
+    "block_rng",
+    "design",
+]
 
-BLOCK_CELLS = 2048  # cells per seeded generation block (fixed: part of the determinism contract)
+BLOCK_CELLS = 2048  # cells per seeded block (fixed: part of the determinism contract; = X_TILE)
 NNZ_MIN = 300  # the Census model filter threshold the low-quality cells fall under
 
 # (class, [(cell type, CL id), ...])
@@ -87,13 +108,32 @@ _LOW_QUALITY_FRACTION = 0.03
 _UNMEASURED_FRACTION = 0.05  # of genes, in the dataset that lacks some
 
 
+@dataclass(frozen=True)
+class Shape:
+    """How the counts look: the gene-mean distribution and which genes are sampled densely."""
+
+    name: str
+    gene_means: Literal["gamma", "lognormal"]
+    dense_genes: int | None
+    """The most expressed genes sampled densely (cells x genes); None: every gene. The others
+    are sampled sparsely (cost per count, not per gene); both are exact negative binomials."""
+
+
+SHAPES = {
+    "default": Shape("default", "gamma", None),
+    "census": Shape("census", "lognormal", 256),
+}
+ShapeName = Literal["default", "census"]
+
+
 @dataclass
 class Design:
-    """Per-cell metadata and per-gene parameters for one organism (held in memory)."""
+    """One organism's genes, datasets, donors and expression profiles (nothing per cell)."""
 
     organism: str
     n_cells: int
     n_genes: int
+    shape: Shape
     gene_ids: list[str]
     gene_names: list[str]
     gene_lengths: npt.NDArray[np.int64]
@@ -102,35 +142,96 @@ class Design:
     combo_props: npt.NDArray[np.float32]  # (n_types * n_donors, genes), rows sum to 1
     dispersion: npt.NDArray[np.float32]  # NB dispersion per gene
     measured: npt.NDArray[np.bool_]  # (n_datasets, genes)
-    # per cell
-    cell_dataset: npt.NDArray[np.int32]  # the source dataset (duplicates: their source cell's)
-    cell_donor: npt.NDArray[np.int32]
-    cell_type: npt.NDArray[np.int32]
-    log_lib: npt.NDArray[np.float32]
-    dup_source: npt.NDArray[np.int64]  # -1 for primary cells, else the source cell's row
+    composition: npt.NDArray[np.float64]  # (n_primary datasets, n_types) cell-type proportions
+    dataset_weight: npt.NDArray[np.float64]  # (n_primary datasets,) share of the cells
     type_names: list[str]
     type_ids: list[str]
+    dense: npt.NDArray[np.int64] = field(repr=False)
+    """Genes sampled densely (ascending); the others are sampled sparsely."""
 
     @property
     def human(self) -> bool:
         return self.organism == "homo_sapiens"
 
     @property
+    def n_types(self) -> int:
+        return len(self.type_names)
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.n_cells // BLOCK_CELLS)
+
+    @property
+    def code(self) -> int:
+        """The organism's number in the random streams."""
+        return 0 if self.human else 1
+
+    @cached_property
+    def sparse(self) -> npt.NDArray[np.int64]:
+        """Genes sampled sparsely (ascending)."""
+        return np.setdiff1d(np.arange(self.n_genes), self.dense)
+
+    @cached_property
+    def dense_props(self) -> npt.NDArray[np.float32]:
+        """``combo_props`` of the dense genes (profiles x dense genes)."""
+        if len(self.dense) == self.n_genes:
+            return self.combo_props
+        return np.ascontiguousarray(self.combo_props[:, self.dense])
+
+    @cached_property
+    def sparse_props(self) -> npt.NDArray[np.float32]:
+        """``combo_props`` of the sparse genes (profiles x sparse genes)."""
+        return np.ascontiguousarray(self.combo_props[:, self.sparse])
+
+    @cached_property
+    def n_measured(self) -> npt.NDArray[np.int64]:
+        """Genes each dataset measures (obs ``n_measured_vars`` of its cells)."""
+        return self.measured.sum(axis=1).astype(np.int64)
+
+
+@dataclass
+class Cells:
+    """The cells of one block: metadata drawn from the block's own stream."""
+
+    start: int
+    dataset: npt.NDArray[np.int32]  # the source dataset (duplicates: their source cell's)
+    donor: npt.NDArray[np.int32]
+    cell_type: npt.NDArray[np.int32]
+    log_lib: npt.NDArray[np.float32]
+    dup_source: npt.NDArray[np.int64]  # -1 for primary cells, else the source's row in the block
+
+    @property
+    def n(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.n
+
+    @property
     def is_dup(self) -> npt.NDArray[np.bool_]:
         return self.dup_source >= 0
 
-    @property
-    def obs_dataset(self) -> npt.NDArray[np.intp]:
+    def obs_dataset(self, d: Design) -> npt.NDArray[np.intp]:
         """The dataset row each cell is stored under (duplicates: the compilation)."""
-        return np.where(self.is_dup, len(self.datasets) - 1, self.cell_dataset)
+        return np.where(self.is_dup, len(d.datasets) - 1, self.dataset)
+
+    def combo(self, d: Design) -> npt.NDArray[np.int64]:
+        """Each cell's expression profile: row of ``d.combo_props``."""
+        return self.donor.astype(np.int64) * d.n_types + self.cell_type
 
 
-def design(organism: str, n_cells: int, n_genes: int, seed: int) -> Design:
-    """Draw one organism's design (genes, datasets, donors, every cell's metadata)."""
+def block_rng(d: Design, block: int, seed: int, stream: int) -> np.random.Generator:
+    """The random stream of one block: 0 for its cells' metadata, 1 for its counts."""
+    return np.random.default_rng([seed, d.code, block, stream])
+
+
+def design(organism: str, n_cells: int, n_genes: int, seed: int, shape: Shape) -> Design:
+    """Draw one organism's design (genes, datasets, donors, profiles, cell-type composition)."""
     rng = np.random.default_rng([seed, 0 if organism == "homo_sapiens" else 1])
     human = organism == "homo_sapiens"
     spec = _HUMAN_DATASETS if human else _MOUSE_DATASETS
-    gene_ids, gene_names, gene_lengths, base = _genes(rng, n_genes, human=human)
+    gene_ids, gene_names, gene_lengths, base = _genes(rng, n_genes, human=human, shape=shape)
     type_names, type_ids, type_class = _cell_type_table()
     type_means = _type_means(rng, base, type_class, n_types=len(type_names))
     datasets, donors = _dataset_tables(spec, human=human)
@@ -139,20 +240,13 @@ def design(organism: str, n_cells: int, n_genes: int, seed: int) -> Design:
     combo_measured = _mask_unmeasured(combo, measured, donors, n_types=len(type_names))
     # dispersion: higher for lowly expressed genes (biological coefficient of variation)
     bcv = 0.25 + 0.6 / np.sqrt(1.0 + base)
-    cell_dataset, cell_type, cell_donor, log_lib = _cells(
-        rng, spec, donors, n_cells, n_types=len(type_names)
-    )
-    dup_source = _duplicates(rng, n_cells)
-    # a duplicate is the same cell (same donor, type, counts) seen in the compilation dataset
-    is_dup = dup_source >= 0
-    src = dup_source[is_dup]
-    cell_type[is_dup] = cell_type[src]
-    cell_donor[is_dup] = cell_donor[src]
-    log_lib[is_dup] = log_lib[src]
+    composition = rng.dirichlet(np.full(len(type_names), 1.5), len(spec))
+    dataset_weight = rng.dirichlet(np.full(len(spec), 4.0))
     return Design(
         organism=organism,
         n_cells=n_cells,
         n_genes=n_genes,
+        shape=shape,
         gene_ids=gene_ids,
         gene_names=gene_names,
         gene_lengths=gene_lengths,
@@ -161,13 +255,11 @@ def design(organism: str, n_cells: int, n_genes: int, seed: int) -> Design:
         combo_props=combo_measured.astype(np.float32),
         dispersion=(bcv**2).astype(np.float32),
         measured=measured,
-        cell_dataset=cell_dataset,
-        cell_donor=cell_donor,
-        cell_type=cell_type,
-        log_lib=log_lib,
-        dup_source=dup_source,
+        composition=composition,
+        dataset_weight=dataset_weight,
         type_names=type_names,
         type_ids=type_ids,
+        dense=_dense_genes(combo_measured, shape.dense_genes),
     )
 
 
@@ -175,14 +267,21 @@ def design(organism: str, n_cells: int, n_genes: int, seed: int) -> Design:
 # design steps, in the order they draw from the design stream
 # ------------------------------------------------------------------------------------------
 def _genes(
-    rng: np.random.Generator, n_genes: int, *, human: bool
+    rng: np.random.Generator, n_genes: int, *, human: bool, shape: Shape
 ) -> tuple[list[str], list[str], npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-    """Ids, names, lengths and base means (gamma, a few high-expression outliers: Splatter)."""
+    """Ids, names, lengths and base means, with a few high-expression outliers (Splatter).
+
+    ``gamma``: Splatter's gamma(0.6, 1/0.3); ``lognormal``: log-normal with sd 2 (real gene means
+    span several orders of magnitude, so most genes are rarely detected, as in the Census).
+    """
     prefix = "ENSG" if human else "ENSMUSG"
     gene_ids = [f"{prefix}{i + 1:011d}" for i in range(n_genes)]
     gene_names = [f"{'GENE' if human else 'Gene'}{i + 1}" for i in range(n_genes)]
     gene_lengths = rng.integers(400, 6000, n_genes).astype(np.int64)
-    base = rng.gamma(0.6, 1.0 / 0.3, n_genes)
+    if shape.gene_means == "gamma":
+        base = rng.gamma(0.6, 1.0 / 0.3, n_genes)
+    else:
+        base = rng.lognormal(0.0, 2.0, n_genes)
     outliers = rng.random(n_genes) < 0.02
     base[outliers] *= rng.lognormal(1.5, 0.5, outliers.sum())
     return gene_ids, gene_names, gene_lengths, base
@@ -305,61 +404,48 @@ def _mask_unmeasured(
     return out
 
 
-def _cells(
-    rng: np.random.Generator, spec: _Spec, donors: pd.DataFrame, n_cells: int, *, n_types: int
-) -> tuple[
-    npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.float32]
-]:
-    """Every cell's dataset, type, donor and log library size (low-quality cells: ~120 counts)."""
-    n_primary = len(spec)
-    comp = rng.dirichlet(np.full(n_types, 1.5), n_primary)
-    ds_weight = rng.dirichlet(np.full(n_primary, 4.0))
-    cell_dataset = rng.choice(n_primary, size=n_cells, p=ds_weight).astype(np.int32)
-    cell_type = np.empty(n_cells, dtype=np.int32)
-    cell_donor = np.empty(n_cells, dtype=np.int32)
-    donor_dataset = donors["dataset"].to_numpy()
-    for di in range(n_primary):
-        idx = np.flatnonzero(cell_dataset == di)
-        cell_type[idx] = rng.choice(n_types, size=len(idx), p=comp[di])
-        cell_donor[idx] = rng.choice(np.flatnonzero(donor_dataset == di), size=len(idx))
-    log_lib = np.empty(n_cells, dtype=np.float32)
-    for di in range(n_primary):
-        sel = cell_dataset == di
+def _dense_genes(combo: npt.NDArray[np.float64], n_dense: int | None) -> npt.NDArray[np.int64]:
+    """The ``n_dense`` genes with the highest expression in any profile (no draws)."""
+    n_genes = combo.shape[1]
+    if n_dense is None or n_dense >= n_genes:
+        return np.arange(n_genes, dtype=np.int64)
+    top = np.argsort(-combo.max(axis=0), kind="stable")[:n_dense]
+    return np.sort(top).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------
+# one block's cells, from the block's own stream
+# ------------------------------------------------------------------------------------------
+def block_cells(d: Design, block: int, seed: int) -> Cells:
+    """Cells ``[block * BLOCK_CELLS, ...)``: dataset, type, donor, library size, duplicates.
+
+    The last ~10% of the block are non-primary copies of earlier cells of the block (same donor,
+    type, library and counts, stored under the compilation dataset); ~3% are low quality (~120
+    counts).
+    """
+    rng = block_rng(d, block, seed, 0)
+    start = block * BLOCK_CELLS
+    n = min(BLOCK_CELLS, d.n_cells - start)
+    spec = _HUMAN_DATASETS if d.human else _MOUSE_DATASETS
+    dataset = rng.choice(len(spec), size=n, p=d.dataset_weight).astype(np.int32)
+    cell_type = np.empty(n, dtype=np.int32)
+    donor = np.empty(n, dtype=np.int32)
+    log_lib = np.empty(n, dtype=np.float32)
+    donor_dataset = d.donors["dataset"].to_numpy()
+    for di in range(len(spec)):
+        idx = np.flatnonzero(dataset == di)
+        cell_type[idx] = rng.choice(d.n_types, size=len(idx), p=d.composition[di])
+        donor[idx] = rng.choice(np.flatnonzero(donor_dataset == di), size=len(idx))
         _, mu, sd = ASSAYS[spec[di][0]]
-        log_lib[sel] = rng.normal(mu, sd, sel.sum())
-    low = rng.random(n_cells) < _LOW_QUALITY_FRACTION
+        log_lib[idx] = rng.normal(mu, sd, len(idx))
+    low = rng.random(n) < _LOW_QUALITY_FRACTION
     log_lib[low] = rng.normal(np.log(120.0), 0.4, low.sum())
-    return cell_dataset, cell_type, cell_donor, log_lib
-
-
-def _duplicates(rng: np.random.Generator, n_cells: int) -> npt.NDArray[np.int64]:
-    """Per cell: -1, or the source row of a non-primary copy (each block's last ~10%)."""
-    dup_source = np.full(n_cells, -1, dtype=np.int64)
-    for start in range(0, n_cells, BLOCK_CELLS):
-        stop = min(start + BLOCK_CELLS, n_cells)
-        n_dup = int(round((stop - start) * _NON_PRIMARY_FRACTION))
-        if n_dup == 0 or stop - start - n_dup < 1:
-            continue
-        dups = np.arange(stop - n_dup, stop)
-        dup_source[dups] = rng.integers(start, stop - n_dup, n_dup)
-    return dup_source
-
-
-# ------------------------------------------------------------------------------------------
-# counts
-# ------------------------------------------------------------------------------------------
-def block_counts(d: Design, start: int, stop: int, seed: int) -> npt.NDArray[np.float32]:
-    """Dense counts for cells [start, stop): NB(mu, dispersion) with duplicates copied."""
-    rng = np.random.default_rng([seed, 7 if d.human else 8, start])
-    n_types = len(d.type_names)
-    combo_idx = d.cell_donor[start:stop].astype(np.int64) * n_types + d.cell_type[start:stop]
-    lib = np.exp(d.log_lib[start:stop].astype(np.float64))
-    mu = d.combo_props[combo_idx] * lib[:, None].astype(np.float32)
-    shape = 1.0 / d.dispersion
-    lam = rng.gamma(shape[None, :], 1.0, size=mu.shape).astype(np.float32)
-    lam *= mu * d.dispersion[None, :]
-    counts = rng.poisson(lam).astype(np.float32)
-    dups = np.flatnonzero(d.dup_source[start:stop] >= 0)
-    if len(dups):
-        counts[dups] = counts[d.dup_source[start:stop][dups] - start]
-    return counts
+    dup_source = np.full(n, -1, dtype=np.int64)
+    n_dup = int(round(n * _NON_PRIMARY_FRACTION))
+    if 0 < n_dup < n:
+        dups = np.arange(n - n_dup, n)
+        dup_source[dups] = src = rng.integers(0, n - n_dup, n_dup)
+        # a duplicate is the same cell (same donor, type, counts) seen in the compilation
+        dataset[dups], cell_type[dups] = dataset[src], cell_type[src]
+        donor[dups], log_lib[dups] = donor[src], log_lib[src]
+    return Cells(start, dataset, donor, cell_type, log_lib, dup_source)

@@ -1,104 +1,127 @@
-"""Writing one organism of the mini census through the shared SOMA writer.
+"""One writer's share of the mini census: a contiguous range of blocks of one organism.
 
-X is generated and written block by block (two blocks sampled in flight on a thread pool, results
-taken in order), counting the computed obs/var columns and the presence matrix on the way; obs and
-var follow once every count is known. Memory is bounded by the block and write-buffer sizes, not
-by the cell count (obs metadata, a few arrays per cell, is held in memory).
+Each block is generated (:mod:`census_scvi.demo._model`, :mod:`census_scvi.demo._sample`), its X
+non-zeros submitted to the writer's one X fragment (:class:`CountsWriter`, already in global
+order) and its obs rows buffered and written every :data:`_OBS_BLOCKS` blocks; the per-gene and
+per-dataset counts are summed for var, the presence matrix and census_info. Memory is bounded by
+one block plus the obs buffer, whatever the cell count. Several writers (processes) run at once on
+disjoint ranges of the same arrays (:mod:`census_scvi.demo._parallel`).
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
-from typing import TYPE_CHECKING
+import resource
+import time
+from collections.abc import Generator
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from census_scvi.constants import CENSUS_DATA, MEASUREMENT
-from census_scvi.demo._model import BLOCK_CELLS, Design, block_counts
-from census_scvi.demo._tables import CellStats, obs_frame, var_frame
-from census_scvi.progress import track
-from census_scvi.soma._schema import OBS_COLUMNS, VAR_COLUMNS
-from census_scvi.soma._writer import (
-    CountsWriter,
-    create_dataframe,
-    create_experiment,
-    schema_table,
-    write_presence_matrix,
-)
+from census_scvi.demo._model import BLOCK_CELLS, SHAPES, Design, block_cells, block_rng, design
+from census_scvi.demo._sample import block_counts
+from census_scvi.demo._tables import BlockStats, OrganismCounts, obs_block, obs_categories
+from census_scvi.soma._schema import OBS_COLUMNS
+from census_scvi.soma._writer import CountsWriter, schema_table
 
 if TYPE_CHECKING:
-    import numpy.typing as npt
+    import pyarrow as pa
 
-__all__ = ["write_organism"]
+__all__ = ["Task", "TaskResult", "organism_design", "run_task", "split_blocks"]
 
-_Block = tuple[int, int, "npt.NDArray[np.intp]", "npt.NDArray[np.intp]", "npt.NDArray[np.float32]"]
-
-
-def write_organism(
-    root: Path, d: Design, seed: int, *, ds_offset: int, n_datasets: int
-) -> CellStats:
-    """Write ``census_data/<organism>`` (X, obs, var, presence matrix); returns the counted stats.
-
-    Presence-matrix rows are census_info/datasets soma_joinids: this organism's datasets start at
-    row ``ds_offset`` of the ``n_datasets`` shared by every organism.
-    """
-    exp_uri = create_experiment(f"{root}/{CENSUS_DATA}", d.organism)
-    ms_uri = f"{exp_uri}/ms/{MEASUREMENT}"
-    stats = CellStats.zeros(d)
-    obs_dataset = d.obs_dataset
-    with CountsWriter(ms_uri, (d.n_cells, d.n_genes)) as x:
-        for block in _blocks(d, seed):
-            _count(stats, obs_dataset, block)
-            start, _, r, c, v = block
-            x.append(r.astype(np.int64) + start, c, v)
-    create_dataframe(exp_uri, "obs", schema_table(obs_frame(d, stats), OBS_COLUMNS), root=root)
-    create_dataframe(
-        ms_uri, "var", schema_table(var_frame(d, stats.var_nnz), VAR_COLUMNS), root=root
-    )
-    pr, pc = np.nonzero(stats.presence)
-    write_presence_matrix(
-        ms_uri,
-        root,
-        shape=(n_datasets, d.n_genes),
-        rows=(pr + ds_offset).astype(np.int64),
-        cols=pc.astype(np.int64),
-        values=np.ones(len(pr), dtype=bool),
-    )
-    return stats
+_OBS_BLOCKS = 16  # blocks of obs rows per obs write (one fragment each, consolidated at the end)
 
 
-def _block(d: Design, start: int, seed: int) -> _Block:
-    stop = min(start + BLOCK_CELLS, d.n_cells)
-    counts = block_counts(d, start, stop, seed)
-    r, c = np.nonzero(counts)  # row-major, as CountsWriter needs
-    return start, stop, r, c, counts[r, c]
+@dataclass(frozen=True)
+class Task:
+    """Blocks ``[first, stop)`` of one organism, into the arrays at ``x_uri`` and ``obs_uri``."""
+
+    organism: str
+    n_cells: int
+    n_genes: int
+    seed: int
+    shape: str
+    first: int
+    stop: int
+    x_uri: str
+    obs_uri: str
+
+    @property
+    def n_cells_here(self) -> int:
+        return min(self.stop * BLOCK_CELLS, self.n_cells) - self.first * BLOCK_CELLS
 
 
-def _blocks(d: Design, seed: int) -> Iterator[_Block]:
-    """Every block's non-zeros, in block order, with a progress bar.
+@dataclass
+class TaskResult:
+    """What one task counted, and what it cost."""
 
-    numpy's samplers release the GIL: two blocks in flight use both cores; results are taken in
-    order, so the output does not depend on the thread timing.
-    """
-    starts = range(0, d.n_cells, BLOCK_CELLS)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        pending: deque[Future[_Block]] = deque()
-        it = iter(starts)
-        for _ in track(starts, description=f"{d.organism} X", total=len(starts)):
-            while len(pending) < 3 and (nxt := next(it, None)) is not None:
-                pending.append(pool.submit(_block, d, nxt, seed))
-            yield pending.popleft().result()
+    counts: OrganismCounts
+    seconds: float
+    peak_rss_bytes: int
 
 
-def _count(stats: CellStats, obs_dataset: npt.NDArray[np.intp], block: _Block) -> None:
-    """Add one block's non-zeros to the per-cell and per-gene counts and the presence matrix."""
-    start, stop, r, c, v = block
-    n = stop - start
-    stats.nnz[start:stop] = np.bincount(r, minlength=n)
-    stats.raw_sum[start:stop] = np.bincount(r, weights=v, minlength=n)
-    stats.sq_sum[start:stop] = np.bincount(r, weights=v.astype(np.float64) ** 2, minlength=n)
-    stats.var_nnz += np.bincount(c, minlength=len(stats.var_nnz))
-    stats.presence[obs_dataset[start:stop][r], c] = True
+@lru_cache(maxsize=2)
+def organism_design(organism: str, n_cells: int, n_genes: int, seed: int, shape: str) -> Design:
+    """The design (a function of these arguments only: every writer draws the same one)."""
+    return design(organism, n_cells, n_genes, seed, SHAPES[shape])
+
+
+def split_blocks(n_blocks: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous, near-equal block ranges covering ``[0, n_blocks)`` (none empty)."""
+    parts = max(1, min(parts, n_blocks))
+    edges = [round(i * n_blocks / parts) for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+
+
+def run_task(task: Task) -> Generator[int, None, TaskResult]:
+    """Write the task's blocks; yields the cells of each block written, returns the counts."""
+    t0 = time.perf_counter()
+    d = organism_design(task.organism, task.n_cells, task.n_genes, task.seed, task.shape)
+    cats = obs_categories(d)
+    counts = OrganismCounts.zeros(d)
+    with CountsWriter(task.x_uri, checked=False) as x, _ObsWriter(task.obs_uri) as obs:
+        for b in range(task.first, task.stop):
+            cells = block_cells(d, b, task.seed)
+            bx = block_counts(d, cells, block_rng(d, b, task.seed, 1))
+            stats = BlockStats.of(bx, cells)
+            counts.count(d, cells, bx, stats)
+            x.append_ordered(bx.rows, bx.cols, bx.values)
+            obs.append(
+                schema_table(
+                    obs_block(d, cells, stats, cats), OBS_COLUMNS, first_joinid=cells.start
+                )
+            )
+            yield cells.n
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return TaskResult(counts, time.perf_counter() - t0, peak)
+
+
+class _ObsWriter:
+    """obs rows of consecutive blocks, written :data:`_OBS_BLOCKS` blocks at a time."""
+
+    def __init__(self, uri: str) -> None:
+        import tiledbsoma as soma
+
+        self._frame: Any = soma.DataFrame.open(uri, "w")
+        self._tables: list[pa.Table] = []
+
+    def append(self, table: pa.Table) -> None:
+        self._tables.append(table)
+        if len(self._tables) >= _OBS_BLOCKS:
+            self.flush()
+
+    def flush(self) -> None:
+        import pyarrow as pa
+
+        if self._tables:
+            self._frame.write(pa.concat_tables(self._tables))
+            self._tables.clear()
+
+    def __enter__(self) -> _ObsWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        try:
+            if exc_type is None:
+                self.flush()
+        finally:
+            self._frame.close()

@@ -37,13 +37,25 @@ __all__ = ["cell_counts", "write_census_info"]
 
 
 def _category_rows(obs: pd.DataFrame, primary: np.ndarray, label: str) -> list[dict[str, Any]]:
+    """One row per (label[, ontology id]) of each category column, in string order.
+
+    Grouped on the categorical codes (``observed=True``): converting every cell's label to a
+    Python string first cost ~60 bytes per cell and column (0.5 GiB at a million cells).
+    """
     rows: list[dict[str, Any]] = []
     for category, term in CATEGORY_PAIRS:
         if category not in obs.columns:
             continue
         keys = [category] + ([term] if term and term in obs.columns else [])
-        frame = obs[keys].astype(str).assign(_p=primary.astype(np.int64), _n=1)
-        grouped = frame.groupby(keys, sort=True)[["_n", "_p"]].sum().reset_index()
+        frame = obs[keys].assign(_p=primary.astype(np.int64), _n=1)
+        grouped = (
+            frame.groupby(keys, sort=False, observed=True, dropna=False)[["_n", "_p"]]
+            .sum()
+            .reset_index()
+        )
+        for k in keys:
+            grouped[k] = grouped[k].astype(str)
+        grouped = grouped.groupby(keys, sort=True)[["_n", "_p"]].sum().reset_index()
         for _, g in grouped.iterrows():
             rows.append(
                 {

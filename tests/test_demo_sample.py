@@ -1,0 +1,102 @@
+"""The mini census's count sampler: exact negative binomials, dense and sparse, in global order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from census_scvi.demo._model import BLOCK_CELLS, SHAPES, Cells, block_cells, block_rng, design
+from census_scvi.demo._sample import _alias_tables, _cluster_sizes, block_counts
+from census_scvi.soma._writer import X_TILE
+
+
+def _one_profile_cells(d, log_lib: float, start: int = 0) -> Cells:
+    """A full block of identical primary cells (one donor, one type, one library size)."""
+    n = BLOCK_CELLS
+    z = np.zeros(n, dtype=np.int32)
+    return Cells(
+        start=start,
+        dataset=z,
+        donor=z,
+        cell_type=z,
+        log_lib=np.full(n, log_lib, dtype=np.float32),
+        dup_source=np.full(n, -1, dtype=np.int64),
+    )
+
+
+def test_dense_and_sparse_genes_follow_the_negative_binomial():
+    """Per-gene mean, variance and P(0) of both samplers against NB(mu, phi) theory."""
+    d = design("homo_sapiens", 6 * BLOCK_CELLS, 2000, 0, SHAPES["census"])
+    assert 0 < len(d.dense) < d.n_genes and len(d.sparse) == d.n_genes - len(d.dense)
+    lib = float(np.log(6000.0))
+    dense = np.zeros((6 * BLOCK_CELLS, d.n_genes), dtype=np.float32)
+    for b in range(6):
+        x = block_counts(d, _one_profile_cells(d, lib), block_rng(d, b, 0, 1))
+        dense[b * BLOCK_CELLS + x.rows, x.cols] = x.values
+    mu = np.exp(lib) * d.combo_props[0].astype(np.float64)
+    phi = d.dispersion.astype(np.float64)
+    var = mu + phi * mu**2
+    p0 = (1 + phi * mu) ** (-1 / phi)
+    n = len(dense)
+    for genes in (d.dense, d.sparse):
+        ok = genes[(mu[genes] > 0.05) & (mu[genes] < 50)]
+        assert len(ok) > 20
+        se_mean = np.sqrt(var[ok] / n)
+        z = (dense[:, ok].mean(axis=0) - mu[ok]) / se_mean
+        assert np.abs(z).max() < 5.5 and abs(z.mean()) < 0.3, (z.min(), z.max(), z.mean())
+        rel_var = dense[:, ok].var(axis=0, ddof=1) / var[ok]
+        assert 0.8 < np.median(rel_var) < 1.2 and rel_var.min() > 0.6, np.median(rel_var)
+        zero = (dense[:, ok] == 0).mean(axis=0)
+        assert np.abs(zero - p0[ok]).max() < 0.04
+
+
+def test_cluster_sizes_invert_the_thinned_logarithmic_series():
+    """P(size k) = q^k / (k x) and P(rejected) = 1 - ln(1 + x) / x, from one uniform each."""
+    rng = np.random.default_rng(0)
+    for x in (0.05, 0.8, 6.0):
+        size = _cluster_sizes(np.full(400_000, x), rng.random(400_000))
+        q = x / (1 + x)
+        for k in (1, 2, 3):
+            assert abs((size == k).mean() - q**k / (k * x)) < 0.004, (x, k)
+        assert abs((size == 0).mean() - (1 - np.log1p(x) / x)) < 0.004
+
+
+def test_alias_tables_draw_in_proportion_to_the_weights():
+    rng = np.random.default_rng(1)
+    weights = rng.lognormal(0, 1, 12)
+    starts, sizes = np.array([0, 5, 6]), np.array([5, 1, 6])
+    accept, alias = _alias_tables(weights, starts, sizes)
+    for s0, m in zip(starts, sizes, strict=True):
+        u = rng.random(300_000) * m
+        slot = s0 + u.astype(np.int64)
+        got = np.where(u - u.astype(np.int64) < accept[slot], slot, alias[slot])
+        freq = np.bincount(got - s0, minlength=m) / len(got)
+        want = weights[s0 : s0 + m] / weights[s0 : s0 + m].sum()
+        np.testing.assert_allclose(freq, want, atol=0.005)
+
+
+@pytest.mark.parametrize("n_genes", [300, 5000])
+def test_blocks_come_in_global_order_with_duplicates_copied(n_genes):
+    d = design("homo_sapiens", 3 * BLOCK_CELLS, n_genes, 2, SHAPES["census"])
+    cells = block_cells(d, 1, 2)
+    x = block_counts(d, cells, block_rng(d, 1, 2, 1))
+    assert (x.rows >= cells.start).all() and (x.rows < cells.stop).all()
+    key = (x.cols // X_TILE, x.rows, x.cols)
+    order = np.lexsort(key[::-1])
+    np.testing.assert_array_equal(order, np.arange(len(order)))  # sorted as TileDB wants
+    assert len(np.unique(x.rows * n_genes + x.cols)) == len(x.rows)  # no duplicate coordinates
+    assert (x.values > 0).all() and (x.values == np.round(x.values)).all()
+    dense = np.zeros((cells.n, n_genes), dtype=np.float32)
+    dense[x.rows - cells.start, x.cols] = x.values
+    dups = np.flatnonzero(cells.is_dup)
+    assert len(dups) > 100
+    np.testing.assert_array_equal(dense[dups], dense[cells.dup_source[dups]])
+
+
+def test_census_shape_density():
+    """The census shape: ~1,500-2,500 non-zeros per (normal-quality) cell at 20,000 genes."""
+    d = design("homo_sapiens", BLOCK_CELLS, 20_000, 0, SHAPES["census"])
+    cells = block_cells(d, 0, 0)
+    x = block_counts(d, cells, block_rng(d, 0, 0, 1))
+    nnz = np.bincount(x.rows, minlength=cells.n)
+    assert 1500 <= np.median(nnz) <= 2500, np.median(nnz)
