@@ -8,7 +8,8 @@ Cases, on the same file:
 - ``baseline``: plain ``tiledbsoma.io.from_h5ad`` into a fresh experiment (no count checks,
   no Census columns, no staging): the library's own single-file ingestion;
 - ``build``: ``build_census`` creating a census from the file;
-- ``append``: ``build_census --append`` of a second copy (another dataset_id) into that census
+- ``append``: ``build_census --append`` of a second file of the same size (another seed, another
+  dataset_id: a copy of the first would be refused as the same cells) into that census
   (hard-linked staging clone, registration against the existing experiment, var/presence/info
   rewrite);
 - ``build-100M``: ``build`` with tiledbsoma's default X write chunk (100M non-zeros) instead of
@@ -122,8 +123,8 @@ def main() -> None:
         t0 = time.perf_counter()
         nnz = make_h5ad(h5ad, args.cells, args.genes, args.nnz_per_cell, args.seed)
         gen_s = time.perf_counter() - t0
-        copy = work / "synthetic_copy.h5ad"
-        shutil.copy(h5ad, copy)
+        copy = work / "synthetic_second.h5ad"  # other counts: a copy is refused as the same cells
+        make_h5ad(copy, args.cells, args.genes, args.nnz_per_cell, args.seed + 1)
         columns = work / "cols.yaml"
         columns.write_text("donor_id: donor\n")
         x_bytes = nnz * 8 + (args.cells + 1) * 8  # float32 data + int32 indices + indptr

@@ -15,6 +15,7 @@ from census_scvi.counts import (
     clean_gene_ids,
     count_problem,
     ensembl_fraction,
+    ensembl_organism,
     is_ensembl_gene,
     is_versioned_ensembl,
     log_counts_hint,
@@ -210,3 +211,13 @@ def test_build_and_map_read_the_same_ids():
     assert genes.ids.tolist() == present == [f"ENSG0000000000{i}" for i in (1, 2, 3)]
     assert genes.keep.tolist() == [i for i, q in enumerate(query) if q is not None]
     assert genes.n_missing == 3 and genes.n_unversioned == 1 and not genes.symbol_keyed
+
+
+def test_ensembl_organism_by_gene_id_prefix():
+    human = [f"ENSG{i:011d}" for i in range(8)]
+    mouse = [f"ENSMUSG{i:011d}" for i in range(8)]
+    assert ensembl_organism(human) == ("homo_sapiens", 1.0)
+    assert ensembl_organism(mouse + human[:2] + ["TP53", None]) == ("mus_musculus", 0.8)
+    assert ensembl_organism(["ENSMMUG00000000001"]) == ("macaca_mulatta", 1.0)
+    assert ensembl_organism(["TP53", "CD3E"]) == (None, 0.0)
+    assert ensembl_organism(["ENSDARG00000000001"]) == (None, 0.0)  # zebrafish: not in the Census

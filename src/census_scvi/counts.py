@@ -31,7 +31,9 @@ __all__ = [
     "check_counts",
     "clean_gene_ids",
     "count_problem",
+    "ENSEMBL_GENE_PREFIXES",
     "ensembl_fraction",
+    "ensembl_organism",
     "is_ensembl_gene",
     "is_versioned_ensembl",
     "log_counts_hint",
@@ -41,6 +43,14 @@ __all__ = [
     "strip_versions",
 ]
 
+#: Ensembl gene-id prefix of each organism the Census holds (``ENSMUSG00000000001``: mouse).
+ENSEMBL_GENE_PREFIXES = {
+    "homo_sapiens": "ENSG",
+    "mus_musculus": "ENSMUSG",
+    "macaca_mulatta": "ENSMMUG",
+    "callithrix_jacchus": "ENSCJAG",
+    "pan_troglodytes": "ENSPTRG",
+}
 LOG_MAX = 50.0
 """Non-integer data whose maximum is at most this looks log-normalised (log1p of CP10k is < 15)."""
 SYMBOL_FRACTION = 0.5
@@ -300,3 +310,30 @@ def looks_like_symbols(ids: Sequence[str | None]) -> bool:
     True
     """
     return any(g is not None for g in ids) and ensembl_fraction(ids) < SYMBOL_FRACTION
+
+
+_ENSEMBL_PREFIX = re.compile(r"^(ENS[A-Z]*G)\d{5,}$")
+
+
+def ensembl_organism(ids: Iterable[str | None]) -> tuple[str | None, float]:
+    """The organism most Ensembl gene ids belong to, by prefix, and the fraction that do.
+
+    Only unversioned Ensembl gene ids count (others are ignored); ``(None, 0.0)`` when there are
+    none or their prefix is not in :data:`ENSEMBL_GENE_PREFIXES`.
+
+    Examples
+    --------
+    >>> ensembl_organism(["ENSMUSG00000000001", "ENSMUSG00000000028", "ENSG00000141510"])
+    ('mus_musculus', 0.6666666666666666)
+    """
+    by_prefix: dict[str, int] = {}
+    for g in ids:
+        m = _ENSEMBL_PREFIX.match(g) if g is not None else None
+        if m is not None:
+            by_prefix[m.group(1)] = by_prefix.get(m.group(1), 0) + 1
+    total = sum(by_prefix.values())
+    if total == 0:
+        return None, 0.0
+    prefix, n = max(by_prefix.items(), key=lambda kv: kv[1])
+    organism = next((o for o, p in ENSEMBL_GENE_PREFIXES.items() if p == prefix), None)
+    return (organism, n / total) if organism is not None else (None, 0.0)

@@ -13,15 +13,24 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from census_scvi.counts import clean_gene_ids, looks_like_symbols, strip_versions
+from census_scvi.counts import (
+    ENSEMBL_GENE_PREFIXES,
+    clean_gene_ids,
+    ensembl_organism,
+    looks_like_symbols,
+    strip_versions,
+)
 from census_scvi.errors import CensusScviError
+from census_scvi.soma._schema import organism_label
 
 if TYPE_CHECKING:
     import numpy.typing as npt
     import pandas as pd
     import scipy.sparse as sp
 
-__all__ = ["Genes", "as_csr32", "merge_duplicates", "read_gene_ids"]
+__all__ = ["Genes", "as_csr32", "check_organism", "merge_duplicates", "read_gene_ids"]
+
+_OTHER_ORGANISM_FRACTION = 0.5  # of the Ensembl gene ids: above, the file is another organism's
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +96,26 @@ def read_gene_ids(
         n_unversioned=n_unversioned,
         symbol_keyed=symbol_keyed,
     )
+
+
+def check_organism(ids: Any, path: Path, organism: str) -> None:
+    """Refuse a file whose Ensembl gene ids are mostly another organism's (``ENSMUSG`` ids into
+    ``homo_sapiens``): its genes would match none of the census's, or the wrong ones."""
+    found, fraction = ensembl_organism(clean_gene_ids(ids))
+    if found is None or found == organism or fraction <= _OTHER_ORGANISM_FRACTION:
+        return
+    expected = ENSEMBL_GENE_PREFIXES.get(organism)
+    want = f" ({expected}...)" if expected else ""
+    msg = (
+        f"{path.name}: {fraction:.0%} of its Ensembl gene ids are {organism_label(found)} ids "
+        f"({ENSEMBL_GENE_PREFIXES[found]}...), not {organism_label(organism)}{want}: most likely "
+        f"a {organism_label(found)} dataset"
+    )
+    hint = (
+        f"pass --organism {found} to build a {organism_label(found)} census from it; or check "
+        "--gene-ids if the file holds another organism's ids by mistake"
+    )
+    raise CensusScviError(msg, hint=hint)
 
 
 def merge_duplicates(

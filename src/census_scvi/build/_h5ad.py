@@ -7,19 +7,29 @@ is loaded.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from census_scvi.errors import CensusScviError
-from census_scvi.soma._schema import MAPPABLE_OBS
+from census_scvi.soma._schema import MAPPABLE_OBS, ORGANISM_TERMS
 
 if TYPE_CHECKING:
     import anndata as ad
     import pandas as pd
 
-__all__ = ["dataset_id", "load_columns_map", "peek_dataset_id", "read_h5ad", "uns_str"]
+__all__ = [
+    "Peek",
+    "check_declared_organism",
+    "dataset_id",
+    "declared_organism",
+    "load_columns_map",
+    "peek_dataset_id",
+    "read_h5ad",
+    "uns_str",
+]
 
 
 def load_columns_map(path: str | Path | None) -> dict[str, str]:
@@ -111,10 +121,49 @@ def dataset_id(
     return path.stem
 
 
-def peek_dataset_id(path: Path, columns: Mapping[str, str]) -> tuple[str, int]:
-    """``(dataset_id, n_cells)`` of an h5ad without reading its matrices."""
+def declared_organism(uns: Mapping[str, Any], obs: pd.DataFrame) -> str | None:
+    """The organism ontology term the file declares (uns, else a single-valued obs column)."""
+    found = uns_str(uns, "organism_ontology_term_id")
+    if found is None and "organism_ontology_term_id" in obs.columns:
+        values = obs["organism_ontology_term_id"].dropna().astype(str).unique()
+        found = str(values[0]) if len(values) == 1 else None
+    return found
+
+
+def check_declared_organism(found: str | None, path: Path, organism: str) -> None:
+    """Refuse a file that declares another organism than ``organism``'s."""
+    expected = ORGANISM_TERMS.get(organism)
+    if expected is not None and found is not None and found != expected:
+        msg = f"{path.name}: organism is {found}, not {organism} ({expected})"
+        raise CensusScviError(msg, hint="pass --organism for that organism, or check the file")
+
+
+@dataclass
+class Peek:
+    """What an input says about itself without its matrices being read."""
+
+    dataset_id: str
+    n_cells: int
+    organism_term: str | None
+    gene_ids: Any
+    """The var index, or var's (else ``.raw.var``'s) ``--gene-ids`` column when it has one."""
+
+
+def peek_dataset_id(path: Path, columns: Mapping[str, str], gene_ids: str | None = None) -> Peek:
+    """Dataset id, cell count, declared organism and gene ids of an h5ad (matrices not read):
+    enough to refuse a conflicting id or another organism's file before any work (ingestion
+    checks the organism again, with the ids of the var that goes with the counts)."""
     adata = read_h5ad(path, backed=True)
     try:
-        return dataset_id(path, adata.obs, adata.uns, columns), int(adata.n_obs)
+        var = adata.var
+        if gene_ids is not None and gene_ids not in var.columns and adata.raw is not None:
+            var = adata.raw.var
+        ids = var[gene_ids] if gene_ids is not None and gene_ids in var.columns else var.index
+        return Peek(
+            dataset_id=dataset_id(path, adata.obs, adata.uns, columns),
+            n_cells=int(adata.n_obs),
+            organism_term=declared_organism(adata.uns, adata.obs),
+            gene_ids=ids.to_numpy(),
+        )
     finally:
         adata.file.close()

@@ -22,12 +22,25 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from census_scvi.build._genes import Genes, as_csr32, merge_duplicates, read_gene_ids
-from census_scvi.build._h5ad import dataset_id, read_h5ad, uns_str
+from census_scvi.build._digest import Digest, counts_digest, joinid_digest
+from census_scvi.build._genes import (
+    Genes,
+    as_csr32,
+    check_organism,
+    merge_duplicates,
+    read_gene_ids,
+)
+from census_scvi.build._h5ad import (
+    check_declared_organism,
+    dataset_id,
+    declared_organism,
+    read_h5ad,
+    uns_str,
+)
 from census_scvi.build._obs import census_obs
 from census_scvi.counts import CountProblem, count_problem, nonzero_moments
 from census_scvi.errors import CensusScviError
-from census_scvi.soma._schema import OBS_COLUMNS, ORGANISM_TERMS
+from census_scvi.soma._schema import OBS_COLUMNS
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -72,6 +85,10 @@ class PreparedDataset:
     symbol_keyed: bool = False
     placeholders: list[str] = field(default_factory=list)
     mapped: dict[str, str] = field(default_factory=dict)
+    dropped_obs: list[str] = field(default_factory=list)
+    """The file's obs columns not stored (neither a Census column nor mapped to one)."""
+    digest: Digest | None = None
+    """What identifies its cells (refuses the same cells twice)."""
     schema_version: str | None = None
     n_cells: int = field(init=False)
     n_genes: int = field(init=False)
@@ -174,16 +191,7 @@ def _check_file(adata: ad.AnnData, path: Path, organism: str) -> None:
     if adata.n_obs == 0 or adata.n_vars == 0:
         msg = f"{path.name}: empty ({adata.n_obs} cells x {adata.n_vars} genes)"
         raise CensusScviError(msg)
-    expected = ORGANISM_TERMS.get(organism)
-    if expected is None:
-        return
-    found = uns_str(adata.uns, "organism_ontology_term_id")
-    if found is None and "organism_ontology_term_id" in adata.obs.columns:
-        values = adata.obs["organism_ontology_term_id"].dropna().astype(str).unique()
-        found = str(values[0]) if len(values) == 1 else None
-    if found is not None and found != expected:
-        msg = f"{path.name}: organism is {found}, not {organism} ({expected})"
-        raise CensusScviError(msg, hint="pass --organism for that organism, or check the file")
+    check_declared_organism(declared_organism(adata.uns, adata.obs), path, organism)
 
 
 def _census_genes(
@@ -259,13 +267,21 @@ def prepare_h5ad(
     dsid = dataset_id(path, adata.obs, adata.uns, columns)
     matrix, var, source = _pick_counts(adata, path, counts_layer)
     genes = read_gene_ids(var, path, gene_ids, adata.var)
+    check_organism(genes.ids, path, organism)
     x, new_var, n_merged = _census_genes(matrix, var, genes, path, by_column=gene_ids is not None)
-    obs, placeholders, mapped = census_obs(adata.obs, path, dsid, columns)
+    obs, placeholders, mapped, dropped = census_obs(adata.obs, path, dsid, columns)
+    joinids_given = "observation_joinid" in columns or "observation_joinid" in adata.obs.columns
     info = _dataset_info(adata.uns, path)
     schema_version = uns_str(adata.uns, "schema_version")
     n_genes_in = int(var.shape[0])
     del adata, matrix, var
     prepared, gene_nnz = census_shaped(obs, new_var, x)
+    digest = Digest(
+        n_cells=int(x.shape[0]),
+        primary=bool(np.asarray(obs["is_primary_data"]).any()),
+        counts=counts_digest(x, new_var.index),
+        joinids=joinid_digest(obs["observation_joinid"]) if joinids_given else None,
+    )
     return PreparedDataset(
         dataset_id=dsid,
         adata=prepared,
@@ -280,6 +296,8 @@ def prepare_h5ad(
         symbol_keyed=genes.symbol_keyed,
         placeholders=placeholders,
         mapped=mapped,
+        dropped_obs=dropped,
+        digest=digest,
         schema_version=schema_version,
     )
 

@@ -42,8 +42,13 @@ def census_obs(
     path: Path,
     dataset_id: str,
     columns: Mapping[str, str],
-) -> tuple[pd.DataFrame, list[str], dict[str, str]]:
-    """The Census obs columns (computed ones excluded) from the file's obs."""
+) -> tuple[pd.DataFrame, list[str], dict[str, str], list[str]]:
+    """The Census obs columns (computed ones excluded) from the file's obs.
+
+    Returns the frame, the Census columns filled with placeholders, the ``--columns`` mappings
+    used, and the file's obs columns that are not stored (neither a Census column by name nor
+    mapped to one): the summary lists them, so none vanishes without a word.
+    """
     import pandas as pd
 
     n = len(obs)
@@ -56,6 +61,7 @@ def census_obs(
     out: dict[str, Any] = {}
     placeholders: list[str] = []
     mapped: dict[str, str] = {}
+    used: set[str] = set()
     for name, kind in OBS_COLUMNS:
         if name not in MAPPABLE_OBS:
             continue
@@ -67,6 +73,8 @@ def census_obs(
             src = name
         if src is not None and src != name:
             mapped[name] = src
+        if src is not None:
+            used.add(src)
         if name == "dataset_id":
             out[name] = pd.Categorical([dataset_id] * n)
         elif name == "observation_joinid":
@@ -88,4 +96,5 @@ def census_obs(
     # the registration key: unique per cell across the census (observation_joinid is not:
     # CELLxGENE repeats it for the non-primary copies of a cell in other datasets)
     out[OBS_KEY] = np.asarray([f"{dataset_id}:{o}" for o in names], dtype=object)
-    return pd.DataFrame(out), placeholders, mapped
+    dropped = [str(c) for c in obs.columns if c not in used]
+    return pd.DataFrame(out), placeholders, mapped, dropped

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from census_scvi.build._digest import Digest, check_new, obs_digests, read_digests, write_digests
 from census_scvi.build._existing import (
     dataset_ids_in,
     dataset_organisms,
@@ -27,12 +28,16 @@ from census_scvi.build._existing import (
     has_obs_key,
     read_presence,
 )
-from census_scvi.build._h5ad import load_columns_map, peek_dataset_id
+from census_scvi.build._genes import check_organism
+from census_scvi.build._h5ad import check_declared_organism, load_columns_map, peek_dataset_id
 from census_scvi.build._ingest import ingest, write_presence, write_var_stats
 from census_scvi.build._input import PreparedDataset, prepare_h5ad
+from census_scvi.build._report import BuildResult, DatasetReport
 from census_scvi.build._staging import (
+    clean_stale,
     clone_census,
     create_staging_root,
+    lock_path,
     staging_path,
     swap_into_place,
 )
@@ -51,84 +56,6 @@ if TYPE_CHECKING:
 __all__ = ["BuildResult", "DatasetReport", "build_census"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DatasetReport:
-    """What happened to one input file."""
-
-    dataset_id: str
-    path: str
-    n_cells: int
-    n_genes: int
-    counts_source: str
-    n_genes_in: int
-    n_missing_ids: int
-    n_merged_ids: int
-    symbol_keyed: bool
-    placeholders: list[str]
-    mapped: dict[str, str]
-    replaced: bool
-
-
-@dataclass
-class BuildResult:
-    """Result of :func:`build_census`."""
-
-    uri: str
-    organism: str
-    created: bool
-    datasets: list[DatasetReport]
-    kept_datasets: int
-    """Datasets of the organism that were already in the census and are still there."""
-    n_cells: int
-    """Cells of the organism's experiment after the build."""
-    n_genes: int
-    """Genes (var rows) of the organism's experiment after the build."""
-    total_cells: int
-    """Cells in the whole census (all organisms)."""
-    seconds: float
-    peak_rss_bytes: int
-    warnings: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        verb = "created" if self.created else "updated"
-        lines = [
-            f"census {verb} at {self.uri} ({self.seconds:.1f} s, peak RSS "
-            f"{self.peak_rss_bytes / 2**30:.2f} GiB)",
-            f"  {self.organism}: {self.n_cells:,} cells x {self.n_genes:,} genes "
-            f"({self.kept_datasets + len(self.datasets)} datasets, "
-            f"{len(self.datasets)} from this build); whole census {self.total_cells:,} cells",
-        ]
-        for d in self.datasets:
-            action = "replaced" if d.replaced else "added"
-            lines.append(
-                f"  {action} {d.dataset_id} <- {d.path}: {d.n_cells:,} cells x {d.n_genes:,} "
-                f"genes, counts from {d.counts_source}"
-            )
-            if d.n_missing_ids:
-                lines.append(f"    dropped {d.n_missing_ids:,} genes without an id")
-            if d.n_merged_ids:
-                lines.append(f"    summed {d.n_merged_ids:,} genes sharing an id with another")
-            if d.mapped:
-                pairs = ", ".join(f"{k} <- {v}" for k, v in d.mapped.items())
-                lines.append(f"    mapped columns: {pairs}")
-            if d.placeholders:
-                # an ontology id column whose label column is a placeholder too goes unsaid
-                shown = [
-                    c
-                    for c in d.placeholders
-                    if not (
-                        c.endswith("_ontology_term_id")
-                        and c.removesuffix("_ontology_term_id") in d.placeholders
-                    )
-                ]
-                lines.append(
-                    f"    {len(d.placeholders)} columns set to '{UNKNOWN}' (not in the file, not "
-                    f"mapped): {', '.join(shown)} (and their ontology ids)"
-                )
-        lines += [f"  warning: {w}" for w in self.warnings]
-        return "\n".join(lines)
 
 
 def _check_out_uri(out_uri: str) -> Path:
@@ -192,23 +119,45 @@ def build_census(
     ``ms/RNA/feature_dataset_presence_matrix``; the build happens in a staging folder renamed onto
     ``out_uri`` on success, so a failed build leaves an existing census unchanged.
 
+    One build per census at a time: a second one fails at once naming the holder (PID, host,
+    since), and the folders of builds killed with ``kill -9`` are removed (and counted in the
+    summary) by the next (:mod:`census_scvi.build._staging`). Refused before any work: a file
+    whose Ensembl ids are another organism's (``ENSMUSG`` into ``homo_sapiens``); at ingestion:
+    primary cells already in the census under another dataset id (same counts, or the same
+    ``observation_joinid`` values; :mod:`census_scvi.build._digest`). The file's obs columns that
+    are not stored are listed in the summary.
+
     Examples
     --------
     >>> res = build_census("atlas.soma", ["a.h5ad", "b.h5ad"], gene_ids="gene_ids")  # doctest: +SKIP
     >>> import cellxgene_census
     >>> census = cellxgene_census.open_soma(uri="atlas.soma")  # doctest: +SKIP
     """
-    from census_scvi.rundir import peak_rss_bytes
+    from census_scvi.rundir import hold_lock, peak_rss_bytes
 
     t0 = time.perf_counter()
-    plan = _plan(
-        _check_out_uri(os.fspath(out_uri)),
-        [Path(p).expanduser() for p in h5ads],
-        organism=organism,
-        columns=load_columns_map(None if columns is None else Path(columns)),
-        append=append,
-        replace=replace,
-    )
+    out = _check_out_uri(os.fspath(out_uri))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with hold_lock(lock_path(out), what=f"census {out}"):
+        cleaned = clean_stale(out)
+        plan = _plan(
+            out,
+            [Path(p).expanduser() for p in h5ads],
+            organism=organism,
+            columns=load_columns_map(None if columns is None else Path(columns)),
+            append=append,
+            replace=replace,
+            gene_ids=gene_ids,
+        )
+        result = _staged_build(plan, gene_ids=gene_ids, counts_layer=counts_layer)
+    result.cleaned = cleaned
+    result.seconds = time.perf_counter() - t0
+    result.peak_rss_bytes = peak_rss_bytes()
+    return result
+
+
+def _staged_build(plan: _Plan, *, gene_ids: str | None, counts_layer: str | None) -> BuildResult:
+    """Build in a staging copy and swap it into place; a failure leaves the census as it was."""
     staging = staging_path(plan.out, "staging")
     try:
         if plan.existed:
@@ -224,8 +173,6 @@ def build_census(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     result.created = not plan.existed
-    result.seconds = time.perf_counter() - t0
-    result.peak_rss_bytes = peak_rss_bytes()
     return result
 
 
@@ -257,6 +204,7 @@ def _plan(
     columns: dict[str, str],
     append: bool,
     replace: bool,
+    gene_ids: str | None = None,
 ) -> _Plan:
     """Check the inputs, the organism and the dataset ids against the existing census."""
     if not paths:
@@ -275,7 +223,12 @@ def _plan(
         msg = f"{out} already exists"
         raise CensusScviError(msg, hint="pass --append to add datasets to it, or choose a new path")
     # which datasets: ids first (cheap), so conflicts fail before any work
-    ids = [peek_dataset_id(p, columns)[0] for p in paths]
+    ids = []
+    for p in paths:  # the organism before any work (ingestion checks the final ids too)
+        peek = peek_dataset_id(p, columns, gene_ids)
+        check_declared_organism(peek.organism_term, p, org)
+        check_organism(peek.gene_ids, p, org)
+        ids.append(peek.dataset_id)
     dups = sorted({d for d in ids if ids.count(d) > 1})
     if dups:
         msg = f"several inputs have the same dataset_id: {', '.join(dups)}"
@@ -407,7 +360,9 @@ def _build(
     if current.rebuild:
         # (the old presence rows of kept datasets stay valid: var keeps its soma_joinids)
         removed = _rebuild(staging, plan, table.row_of, current.presence)
-    done = _ingest_inputs(staging, plan, table, gene_ids=gene_ids, counts_layer=counts_layer)
+    known = _known_digests(staging, plan, kept)
+    done = _ingest_inputs(staging, plan, table, known, gene_ids=gene_ids, counts_layer=counts_layer)
+    write_digests(staging, known)
 
     # census-wide columns and tables; cell counts of this organism's datasets from obs
     with soma.Experiment.open(exp_uri) as exp:
@@ -451,15 +406,33 @@ def _schema_version(found: set[str], old_summary: dict[str, str]) -> str:
     return versions.pop() if len(versions) == 1 else UNKNOWN
 
 
+def _known_digests(staging: Path, plan: _Plan, kept: list[str]) -> dict[str, Digest]:
+    """Digests of the kept datasets: recorded ones, else (a census built elsewhere or before
+    digests) the joinid digests from the original census's obs."""
+    recorded = read_digests(staging)
+    known = {d: recorded[d] for d in kept if d in recorded}
+    missing = [d for d in kept if d not in recorded]
+    if missing and plan.existed:
+        import tiledbsoma as soma
+
+        with soma.Experiment.open(f"{plan.out}/{CENSUS_DATA}/{plan.org}") as exp:
+            known.update(obs_digests(exp, missing))
+    # other organisms' datasets keep their recorded digests
+    known.update({d: v for d, v in recorded.items() if d not in known and d not in plan.conflicts})
+    return known
+
+
 def _ingest_inputs(
     staging: Path,
     plan: _Plan,
     table: _DatasetsTable,
+    known: dict[str, Digest],
     *,
     gene_ids: str | None,
     counts_layer: str | None,
 ) -> _Ingested:
-    """Prepare and ingest every input, one at a time (each released after ingestion)."""
+    """Prepare and ingest every input, one at a time (each released after ingestion); one whose
+    cells are already in the census (``known``, updated as inputs go in) is refused."""
     data_uri = f"{staging}/{CENSUS_DATA}"
     done = _Ingested()
     for path, dsid in track(list(zip(plan.paths, plan.ids, strict=True)), description="ingesting"):
@@ -471,6 +444,9 @@ def _ingest_inputs(
             counts_layer=counts_layer,
             columns=plan.columns,
         )
+        if ds.digest is not None:
+            check_new(ds.digest, known, label=path.name, dataset_id=dsid)
+            known[dsid] = ds.digest
         ingest(data_uri, plan.org, ds.adata, label=f"{path.name} (dataset {dsid})")
         row = table.set(
             dsid, {**ds.info, "dataset_id": dsid, "dataset_total_cell_count": ds.n_cells}
@@ -501,6 +477,7 @@ def _report(ds: PreparedDataset, path: Path, dsid: str, *, replaced: bool) -> Da
         placeholders=ds.placeholders,
         mapped=ds.mapped,
         replaced=replaced,
+        dropped_obs=ds.dropped_obs,
     )
 
 

@@ -5,19 +5,93 @@ staging census starts as a clone of the existing one in which TileDB fragment fi
 written: TileDB never modifies a committed fragment, it only adds new ones) are hard links and every
 other file (schemas, metadata, commit markers, group membership) is copied, so staging costs little
 disk and time even for a large census.
+
+One writer per census: a build holds ``.<name>.census-scvi.lock`` beside the census
+(:func:`lock_path`, :func:`census_scvi.rundir.hold_lock`), so a second build of the same census
+fails at once naming the holder. A build killed with ``kill -9`` leaves its census-sized
+``.<name>.staging-PID`` (or, killed mid-swap, ``.<name>.old-PID``); the next build of that census,
+holding the lock, removes those whose PID is dead (:func:`clean_stale`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+from census_scvi.constants import RUN_LOCK
 from census_scvi.errors import CensusScviError
 from census_scvi.soma._writer import create_census_root, open_collection
 
-__all__ = ["clone_census", "create_staging_root", "remove", "staging_path", "swap_into_place"]
+__all__ = [
+    "clean_stale",
+    "clone_census",
+    "create_staging_root",
+    "lock_path",
+    "remove",
+    "staging_path",
+    "swap_into_place",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def lock_path(out: Path) -> Path:
+    """The lock file of the census at ``out``: beside it (the census folder itself is replaced)."""
+    return out.with_name(f".{out.name}{RUN_LOCK}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_dir() and not path.is_symlink():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    return path.lstat().st_size
+
+
+def clean_stale(out: Path) -> tuple[int, int]:
+    """Remove this census's staging/old folders left by dead builds; ``(count, bytes freed)``.
+
+    Only ``.<name>.staging-PID`` and ``.<name>.old-PID`` beside ``out`` (the names this module
+    writes, which :func:`census_scvi.rundir.clean_stale_temporaries` also recognises) whose PID is
+    not a live process; call it holding the census's lock. Other censuses' temporaries in the same
+    folder are left alone: their builds may run on another host.
+    """
+    from census_scvi.rundir import remove_within
+
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:staging|old)-(\d+)$")
+    if not out.parent.is_dir():
+        return 0, 0
+    count = freed = 0
+    names = []
+    for p in sorted(out.parent.iterdir()):
+        m = pattern.match(p.name)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        freed += _tree_bytes(p)
+        remove_within(p, out.parent)
+        count += 1
+        names.append(p.name)
+    if count:
+        logger.warning(
+            "removed %d folder(s) left by killed builds of %s (%.1f MiB freed): %s",
+            count,
+            out.name,
+            freed / 2**20,
+            ", ".join(names),
+        )
+    return count, freed
 
 
 def staging_path(out: Path, tag: str) -> Path:
