@@ -52,10 +52,12 @@ __all__ = [
     "output_sizes",
     "package_versions",
     "peak_rss_bytes",
+    "pid_alive",
     "read_manifest",
     "remove_within",
     "run_stage",
     "stage_dir",
+    "tree_bytes",
     "write_json_atomic",
     "write_manifest",
     "write_run_config",
@@ -483,7 +485,8 @@ def load_embedding(run_dir: Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[
 _TEMPORARY = re.compile(r"^\..+\.(?:tmp|staging|old)-(\d+)$")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID lives on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -493,7 +496,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _tree_bytes(path: Path) -> int:
+def tree_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file below a folder (links not followed)."""
     if path.is_dir() and not path.is_symlink():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
     return path.lstat().st_size
@@ -521,9 +525,9 @@ def clean_stale_temporaries(directory: Path) -> int:
     freed, names = 0, []
     for p in directory.iterdir():
         m = _TEMPORARY.match(p.name)
-        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+        if m is None or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
             continue
-        freed += _tree_bytes(p)
+        freed += tree_bytes(p)
         names.append(p.name)
         remove_within(p, directory)
     if names:
@@ -591,7 +595,7 @@ def _break_or_refuse(path: Path, what: str) -> None:
         logger.warning("taking over unreadable lock %s", path)
         path.unlink(missing_ok=True)
         return
-    if host == socket.gethostname() and not _pid_alive(pid):
+    if host == socket.gethostname() and not pid_alive(pid):
         logger.warning(
             "taking over the lock of %s from PID %d (host %s, since %s): that process is gone",
             what,

@@ -24,6 +24,7 @@ from typing import Any
 
 from census_scvi.constants import RUN_LOCK
 from census_scvi.errors import CensusScviError
+from census_scvi.rundir import pid_alive, tree_bytes
 from census_scvi.soma._writer import create_census_root, open_collection
 
 __all__ = [
@@ -44,22 +45,6 @@ def lock_path(out: Path) -> Path:
     return out.with_name(f".{out.name}{RUN_LOCK}")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def _tree_bytes(path: Path) -> int:
-    if path.is_dir() and not path.is_symlink():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-    return path.lstat().st_size
-
-
 def clean_stale(out: Path) -> tuple[int, int]:
     """Remove this census's staging/old folders left by dead builds; ``(count, bytes freed)``.
 
@@ -77,9 +62,9 @@ def clean_stale(out: Path) -> tuple[int, int]:
     names = []
     for p in sorted(out.parent.iterdir()):
         m = pattern.match(p.name)
-        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+        if m is None or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
             continue
-        freed += _tree_bytes(p)
+        freed += tree_bytes(p)
         remove_within(p, out.parent)
         count += 1
         names.append(p.name)
