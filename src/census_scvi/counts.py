@@ -16,14 +16,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import pandas as pd
 
 from census_scvi.errors import CensusScviError
 
 if TYPE_CHECKING:
     import anndata as ad
     import numpy.typing as npt
+    import scipy.sparse as sp
 
 __all__ = [
+    "gene_selection",
+    "query_gene_ids",
     "LOG_MAX",
     "MISSING_IDS",
     "SYMBOL_FRACTION",
@@ -337,3 +341,48 @@ def ensembl_organism(ids: Iterable[str | None]) -> tuple[str | None, float]:
     prefix, n = max(by_prefix.items(), key=lambda kv: kv[1])
     organism = next((o for o, p in ENSEMBL_GENE_PREFIXES.items() if p == prefix), None)
     return (organism, n / total) if organism is not None else (None, 0.0)
+
+
+def query_gene_ids(adata: ad.AnnData, gene_ids: str | None) -> npt.NDArray[np.object_]:
+    """The query's gene id per column (None where missing): var_names or the ``gene_ids`` column."""
+    if gene_ids is None:
+        values = pd.Series(adata.var_names, dtype=object)
+    else:
+        if gene_ids not in adata.var.columns:
+            cols = ", ".join(map(str, adata.var.columns)) or "none"
+            msg = f"--gene-ids column '{gene_ids}' is not in the query's var; its columns: {cols}"
+            raise CensusScviError(msg, hint="omit --gene-ids to use the var index")
+        values = pd.Series(adata.var[gene_ids].to_numpy(), dtype=object)
+    return clean_gene_ids(values.to_numpy())
+
+
+def gene_selection(
+    query_ids: Sequence[str | None] | npt.NDArray[np.object_], model_ids: Sequence[str]
+) -> tuple[sp.csr_matrix, npt.NDArray[np.bool_], int]:
+    """The 0/1 matrix mapping query columns onto model genes.
+
+    Ensembl version suffixes (``ENSG00000141510.17``) are ignored when the model's ids have none.
+
+    Returns
+    -------
+    ``(S, used, n_duplicates)``: ``S`` (n_query_genes x n_model_genes), the query columns used,
+    and how many used columns repeat an id already seen.
+    """
+    import scipy.sparse as sp
+
+    model = pd.Index([str(m) for m in model_ids])
+    strip = not any(is_versioned_ensembl(m) for m in model[:50])
+    q = np.array(
+        [None if v is None else (strip_version(v) if strip else v) for v in query_ids],
+        dtype=object,
+    )
+    target = model.get_indexer(pd.Index(q.astype(str)))
+    target[pd.isna(pd.Series(q)).to_numpy()] = -1
+    used = target >= 0
+    rows = np.flatnonzero(used)
+    s = sp.csr_matrix(
+        (np.ones(rows.size, dtype=np.float32), (rows, target[used])),
+        shape=(len(q), len(model)),
+    )
+    n_dup = int(rows.size - np.unique(target[used]).size)
+    return s, used, n_dup

@@ -16,20 +16,17 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
 
 from census_scvi.counts import (
     check_counts,
-    clean_gene_ids,
-    is_versioned_ensembl,
+    gene_selection,
     log_counts_hint,
-    strip_version,
+    query_gene_ids,
 )
 from census_scvi.errors import CensusScviError
 
@@ -40,44 +37,6 @@ if TYPE_CHECKING:
 __all__ = ["encode_query", "gene_selection", "query_gene_ids"]
 
 logger = logging.getLogger(__name__)
-
-
-def query_gene_ids(adata: ad.AnnData, gene_ids: str | None) -> npt.NDArray[np.object_]:
-    """The query's gene id per column (None where missing): var_names or the ``gene_ids`` column."""
-    if gene_ids is None:
-        values = pd.Series(adata.var_names, dtype=object)
-    else:
-        if gene_ids not in adata.var.columns:
-            cols = ", ".join(map(str, adata.var.columns)) or "none"
-            msg = f"--gene-ids column '{gene_ids}' is not in the query's var; its columns: {cols}"
-            raise CensusScviError(msg, hint="omit --gene-ids to use the var index")
-        values = pd.Series(adata.var[gene_ids].to_numpy(), dtype=object)
-    return clean_gene_ids(values.to_numpy())
-
-
-def gene_selection(
-    query_ids: npt.NDArray[np.object_], model_ids: Sequence[str]
-) -> tuple[sp.csr_matrix, int]:
-    """The 0/1 matrix (query genes x model genes) and the number of model genes found.
-
-    Ensembl version suffixes are ignored when the model's ids have none.
-    """
-    import scipy.sparse as sp
-
-    model = pd.Index([str(m) for m in model_ids])
-    strip = not any(is_versioned_ensembl(m) for m in model[:50])
-    q = np.array(
-        [None if v is None else (strip_version(v) if strip else v) for v in query_ids],
-        dtype=object,
-    )
-    target = model.get_indexer(pd.Index(q.astype(str)))
-    target[pd.isna(pd.Series(q)).to_numpy()] = -1
-    rows = np.flatnonzero(target >= 0)
-    s = sp.csr_matrix(
-        (np.ones(rows.size, dtype=np.float32), (rows, target[rows])),
-        shape=(len(q), len(model)),
-    )
-    return s, int(np.unique(target[rows]).size)
 
 
 def _csr(x: Any) -> sp.csr_matrix:
@@ -114,7 +73,8 @@ def encode_query(
     if encoder.encodes_batch:
         msg = f"the model at {model_path} encodes the batch (encode_covariates=true)"
         raise CensusScviError(msg, hint="retrain with model.encode_covariates=false")
-    s, n_found = gene_selection(query_gene_ids(adata, gene_ids), list(encoder.var_names))
+    s, _, _ = gene_selection(query_gene_ids(adata, gene_ids), list(encoder.var_names))
+    n_found = int((np.asarray(s.sum(axis=0)).ravel() > 0).sum())
     fraction = n_found / max(len(encoder.var_names), 1)
     if fraction < min_overlap:
         msg = (
