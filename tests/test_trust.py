@@ -208,6 +208,46 @@ def test_stage_redone_when_an_output_is_missing_or_truncated(tmp_path, caplog):
         assert not st.skipped
 
 
+def test_stage_redone_when_a_small_output_is_corrupt_at_the_same_size(tmp_path, caplog):
+    out = _finish(tmp_path)
+    manifest = json.loads((tmp_path / "toy" / "manifest.json").read_text())
+    assert set(manifest["hashes"]) == {"toy/out.bin"}
+    out.write_bytes(b"y" * 1000)  # same size, other bytes (a bad copy, a disk error)
+    with caplog.at_level("INFO"), _stage(tmp_path) as st:
+        assert not st.skipped
+    assert "out.bin changed content" in caplog.text
+
+
+def test_corrupt_prepared_table_is_one_line_naming_file_and_fix(tmp_path):
+    from census_scvi.rundir import read_table
+
+    bad = tmp_path / "hvg.parquet"
+    bad.write_bytes(b"PAR1" + b"\0" * 200)
+    with pytest.raises(CensusScviError) as e:
+        read_table(bad, stage="prepare")
+    text = str(e.value)
+    assert str(bad) in text and "truncated or corrupt" in text
+    assert "'census-scvi run' redoes prepare" in text and "prepare --force" in text
+    assert len(text.splitlines()) == 1
+
+
+def test_truncated_model_file_is_one_line_naming_file_and_retrain(tmp_path):
+    import torch
+
+    from census_scvi.scvi_model import model_var_names
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    torch.save({"attr_dict": {}, "var_names": ["a"]}, folder / "model.pt")
+    data = (folder / "model.pt").read_bytes()
+    (folder / "model.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CensusScviError) as e:
+        model_var_names(folder)
+    text = str(e.value)
+    assert "model.pt: it is not a torch.save file (truncated or corrupt)" in text
+    assert "'census-scvi run' retrains" in text and len(text.splitlines()) == 1
+
+
 def test_folder_outputs_may_grow_but_not_vanish(tmp_path):
     with _stage(tmp_path) as st:
         folder = st.dir / "embedding.soma"

@@ -161,8 +161,19 @@ def load_torch_bytes(
                 refuse(source, f"holds {', '.join(sorted(unsafe))}")
             obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, TypeError) as e:
-        refuse(source, _reason(e))
+        reason = _reason(e)
+        if reason == _NOT_TORCH:
+            msg = f"cannot load {source}: it {reason} (truncated or corrupt)"
+            hint = (
+                "if this run trained it, 'census-scvi run' retrains (its manifest records the "
+                "model's size and hash), or pass --force to 'census-scvi train'"
+            )
+            raise CensusScviError(msg, hint=hint) from None
+        refuse(source, reason)
     return _restore_defaultdicts(obj, {id(d): f for d, f in made}) if made else obj
+
+
+_NOT_TORCH = "is not a torch.save file"
 
 
 def refuse(source: str | os.PathLike[str], what: str) -> NoReturn:
@@ -176,7 +187,7 @@ def _reason(e: Exception) -> str:
     """One line from torch's many-line unpickling error."""
     text = str(e)
     if "Expected input to be a checkpoint" in text or "zip archive" in text:
-        return "is not a torch.save file"
+        return _NOT_TORCH
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for i, line in enumerate(lines):
         if line.startswith("WeightsUnpickler error") and i + 1 < len(lines):

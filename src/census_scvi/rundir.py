@@ -36,6 +36,8 @@ from census_scvi.constants import (
 from census_scvi.errors import CensusScviError
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from census_scvi.config import Config
 
 __all__ = [
@@ -49,11 +51,13 @@ __all__ = [
     "load_embedding",
     "model_dir",
     "is_global_zero",
+    "output_hashes",
     "output_sizes",
     "package_versions",
     "peak_rss_bytes",
     "pid_alive",
     "read_manifest",
+    "read_table",
     "remove_within",
     "run_stage",
     "stage_dir",
@@ -274,8 +278,25 @@ def output_sizes(run_dir: Path, paths: Mapping[str, Path]) -> dict[str, int]:
     return out
 
 
-def _outputs_intact(run_dir: Path, recorded: Mapping[str, Any] | None) -> bool:
-    """Every output the manifest recorded is still there (files: with their recorded size)."""
+#: Output files up to this size also get a content hash in the manifest, so a corrupt file of
+#: the right size (a bad copy, a disk error) redoes its stage too; bigger ones (latents,
+#: h5ads) are checked by size only: hashing 100 GB at every ``run`` would take minutes.
+HASH_MAX_BYTES = 64 * 2**20
+
+
+def output_hashes(run_dir: Path, paths: Mapping[str, Path]) -> dict[str, str]:
+    """sha256 prefix of each output file up to :data:`HASH_MAX_BYTES`, keyed as output_sizes."""
+    return {
+        str(p.relative_to(run_dir)): file_hash(p)
+        for p in paths.values()
+        if p.is_file() and p.stat().st_size <= HASH_MAX_BYTES
+    }
+
+
+def _outputs_intact(
+    run_dir: Path, recorded: Mapping[str, Any] | None, hashes: Mapping[str, str] | None = None
+) -> bool:
+    """Every output the manifest recorded is still there (files: same size, same hash if small)."""
     for rel, size in (recorded or {}).items():
         path = run_dir / rel
         if not path.exists():
@@ -288,6 +309,11 @@ def _outputs_intact(run_dir: Path, recorded: Mapping[str, Any] | None) -> bool:
         now = output_sizes(run_dir, {rel: path})[rel]
         if now != size:
             logger.info("%s changed size (%d -> %d bytes); redoing its stage", path, size, now)
+            return False
+    for rel, digest in (hashes or {}).items():
+        path = run_dir / rel
+        if path.is_file() and file_hash(path) != digest:
+            logger.info("%s changed content (its hash differs); redoing its stage", path)
             return False
     return True
 
@@ -425,7 +451,7 @@ def _stage_run(
         not force
         and manifest.matches(previous)
         and previous is not None
-        and _outputs_intact(run_dir, previous.get("files"))
+        and _outputs_intact(run_dir, previous.get("files"), previous.get("hashes"))
     )
     run = StageRun(run_dir, sdir, manifest, previous, skipped=current)
     if current:
@@ -443,6 +469,7 @@ def _stage_run(
         return  # a worker rank or a partial run (an embed shard): no manifest
     data = manifest.to_dict()
     data["files"] = output_sizes(run_dir, run._paths)
+    data["hashes"] = output_hashes(run_dir, run._paths)
     data.update(run._extra)
     manifest.finished = _now()
     data["finished"] = manifest.finished
@@ -452,6 +479,23 @@ def _stage_run(
 # ----------------------------------------------------------------------------------------------
 # reading what earlier stages wrote
 # ----------------------------------------------------------------------------------------------
+def read_table(path: Path, *, stage: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """A parquet table ``stage`` wrote; a truncated or corrupt one is one line with the fix."""
+    import pandas as pd
+    import pyarrow as pa
+
+    try:
+        return pd.read_parquet(path, columns=columns)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = f"{path} is not a readable parquet table ({first}): truncated or corrupt"
+        hint = (
+            f"'census-scvi run' redoes {stage} (its manifest records the file's hash), "
+            f"or run 'census-scvi {stage} --force'"
+        )
+        raise CensusScviError(msg, hint=hint) from None
+
+
 def model_dir(run_dir: Path, filename: str) -> Path:
     """``RUN_DIR/train/<model.filename>``, or a clear error when training has not run."""
     path = Path(run_dir) / TRAIN_DIR / filename

@@ -18,7 +18,7 @@ import numpy as np
 from census_scvi.batches import batch_labels
 from census_scvi.constants import BATCH_KEY, FEATURE_ID, HVG_FILE, MEASUREMENT, SOMA_JOINID, X_RAW
 from census_scvi.errors import CensusScviError
-from census_scvi.rundir import file_hash
+from census_scvi.rundir import file_hash, read_table
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -92,13 +92,12 @@ def _check_batch(obs: pd.DataFrame, batch: np.ndarray, config: Config, where: st
 
 def read_hvgs(config: Config, prepare_dir: Path) -> tuple[list[str], np.ndarray]:
     """The model's genes: feature ids and var soma_joinids of the HVGs, in soma_joinid order."""
-    import pandas as pd
 
     path = prepare_dir / HVG_FILE
     if not path.is_file():
         msg = f"prepared gene table not found: {path}"
         raise CensusScviError(msg, hint="run 'census-scvi prepare' first")
-    hvg = pd.read_parquet(path)
+    hvg = read_table(path, stage="prepare")
     need = {SOMA_JOINID, FEATURE_ID, "highly_variable"}
     if not need <= set(hvg.columns):
         _rerun_prepare(f"{path} lacks columns {sorted(need - set(hvg.columns))}")
@@ -176,11 +175,10 @@ def _check_genes(var_names: list[str], gene_ids: list[str], path: Path) -> None:
 
 def _check_cells(obs: pd.DataFrame, path: Path, cells_path: Path) -> None:
     """The h5ad's cells are cells.parquet's, in its order (when both say)."""
-    import pandas as pd
 
     if not cells_path.is_file() or SOMA_JOINID not in obs.columns:
         return
-    cells = pd.read_parquet(cells_path, columns=[SOMA_JOINID])
+    cells = read_table(cells_path, stage="prepare", columns=[SOMA_JOINID])
     if not np.array_equal(
         cells[SOMA_JOINID].to_numpy(np.int64), obs[SOMA_JOINID].to_numpy(np.int64)
     ):
@@ -192,7 +190,6 @@ def _check_cells(obs: pd.DataFrame, path: Path, cells_path: Path) -> None:
 # ------------------------------------------------------------------------------------------
 def stream_inputs(config: Config, prepare_dir: Path) -> TrainInputs:
     """``prepare/cells.parquet`` + ``hvg.parquet``, checked against the census streamed from."""
-    import pandas as pd
 
     from census_scvi.soma import census_fingerprint, get_experiment, open_census
 
@@ -201,7 +198,7 @@ def stream_inputs(config: Config, prepare_dir: Path) -> TrainInputs:
     if not cells_path.is_file():
         msg = f"prepared cell table not found: {cells_path}"
         raise CensusScviError(msg, hint="run 'census-scvi prepare' first")
-    cells = pd.read_parquet(cells_path, columns=[SOMA_JOINID, BATCH_KEY])
+    cells = read_table(cells_path, stage="prepare", columns=[SOMA_JOINID, BATCH_KEY])
     joinids = cells[SOMA_JOINID].to_numpy(dtype=np.int64)
     batch = cells[BATCH_KEY].astype(str).to_numpy(dtype=object)
     if len(joinids) == 0:

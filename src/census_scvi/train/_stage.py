@@ -533,10 +533,14 @@ def _count(datamodule: Any, attr: str, indices: Any) -> int:
 def _record(stage: StageRun, config: Config, paths: _Paths, figures: dict[str, Any]) -> None:
     """What the manifest says; the model, history and loss curve sizes make a rerun redo it.
 
+    ``model.pt`` is recorded on its own too, so its size and hash are checked (the model folder
+    as a whole is checked for presence only).
+
     The checkpoint is listed but not size-checked: deleting it to free space does not retrain.
     """
     outputs = paths.outputs()
     sized = {k: outputs[k] for k in ("model", "history")}
+    sized["model_file"] = outputs["model"] / "model.pt"  # hashed: a corrupt copy retrains
     if outputs["loss_curve"].exists():  # not drawn for an empty history
         sized["loss_curve"] = outputs["loss_curve"]
     stage.record(
