@@ -251,6 +251,34 @@ def test_failed_write_leaves_no_partial_files(census, tmp_path, monkeypatch):
     assert not list(pdir.glob(".*"))
 
 
+def test_full_disk_stops_the_h5ad_write_before_hdf5_fails(census, tmp_path, monkeypatch):
+    """HDF5 meeting a full disk crashed the process at exit (139); the writer stops first."""
+    import shutil
+    from collections import namedtuple
+
+    from census_scvi.errors import CensusScviError
+
+    uri, _ = census
+    real = shutil.disk_usage
+    usage = namedtuple("usage", "total used free")
+
+    def nearly_full(path):
+        if "prepare" in str(path):
+            return usage(10 * 2**20, 10 * 2**20 - 4096, 4096)
+        return real(path)
+
+    monkeypatch.setattr(shutil, "disk_usage", nearly_full)
+    with pytest.raises(CensusScviError) as e:
+        run_prepare(_cfg(uri), run_dir=tmp_path)
+    text = str(e.value)
+    assert text.startswith("need about ") and f"GiB free in {tmp_path / 'prepare'}" in text
+    assert "; 3.8e-06 GiB free" in text and len(text.splitlines()) == 1
+    pdir = tmp_path / "prepare"
+    assert not (pdir / "anndata_model.h5ad").exists()
+    assert not (pdir / "manifest.json").exists()
+    assert not list(pdir.glob(".*"))
+
+
 def test_stream_mode_writes_no_h5ad_and_optional_pkl(census, tmp_path):
     uri, _ = census
     cfg = _cfg(uri, "train.mode=stream", "anndata.write_hv_genes_pkl=true")

@@ -328,3 +328,27 @@ def test_census_version_open_is_bounded_by_timeout(monkeypatch):
     finally:
         silent.close()
     assert time.perf_counter() - t0 < 10
+
+
+# -- item 6: a full disk reported by HDF5 or TileDB (no errno) is one line, exit 2 ------------
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(
+            "Can't synchronously write data (errno = 28, error message = 'No space left on device')"
+        ),
+        RuntimeError("[TileDB::IO] Error: Cannot write to file; No space left on device"),
+    ],
+)
+def test_cli_turns_any_disk_full_error_into_one_line(tmp_path, monkeypatch, error):
+    import census_scvi.prepare
+
+    def full(*a, **k):
+        raise error
+
+    monkeypatch.setattr(census_scvi.prepare, "run_prepare", full)
+    res = CliRunner().invoke(app, ["prepare", "-o", str(tmp_path / "run")])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().splitlines() == [
+        "error: no space left on the device (free disk space, rerun)"
+    ]

@@ -6,7 +6,6 @@ project's own type print one line on stderr and exit 2 (traceback only with ``--
 
 from __future__ import annotations
 
-import errno
 import logging
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from census_scvi import __version__
-from census_scvi.errors import CensusScviError
+from census_scvi.errors import CensusScviError, is_disk_full
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -93,10 +92,12 @@ def _guard(fn: Callable[[], Any]) -> Any:
         return fn()
     except CensusScviError as e:
         _fail(e)
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
+    except Exception as e:
+        # ENOSPC from Python, HDF5 (an OSError without errno) or TileDB (its own error type)
+        if not is_disk_full(e):
             raise
-        where = f" writing {e.filename}" if e.filename else ""
+        filename = getattr(e, "filename", None)
+        where = f" writing {filename}" if filename else ""
         _fail(CensusScviError(f"no space left on the device{where}", hint="free disk space, rerun"))
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

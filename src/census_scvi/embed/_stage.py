@@ -51,8 +51,8 @@ from census_scvi.embed._census import census_record
 from census_scvi.embed._chunks import CHUNK_SLEEP_ENV, ChunkRun, embed_chunks
 from census_scvi.embed._embedding import META_YML, round_bfloat16
 from census_scvi.embed._outputs import embedding_metadata, write_outputs
-from census_scvi.embed._store import EmbedStore, disk_full, is_disk_full
-from census_scvi.errors import CensusScviError
+from census_scvi.embed._store import EmbedStore
+from census_scvi.errors import CensusScviError, disk_full, is_disk_full
 from census_scvi.rundir import (
     StageRun,
     file_hash,
@@ -235,7 +235,9 @@ def _out_of_space(config: Config, store: EmbedStore) -> CensusScviError:
         need += n * k * 4  # float32 values; the coordinates compress to little
     if config.embed.write_minified_model:
         need += n * (2 * k * 4 + _OBS_BYTES_PER_CELL)
-    return disk_full(store.dir, need or None, about=True)
+    return disk_full(
+        store.dir, need or None, about=True, rerun="rerun (the finished chunks are kept)"
+    )
 
 
 def _check_args(shard: tuple[int, int] | None, merge: bool, force: bool) -> None:

@@ -42,10 +42,10 @@ from census_scvi.constants import (
     PROGRESS_FILE,
 )
 from census_scvi.embed._embedding import META_YML
-from census_scvi.errors import CensusScviError
+from census_scvi.errors import disk_full
 from census_scvi.rundir import write_json_atomic
 
-__all__ = ["EmbedStore", "chunk_bounds", "disk_full", "is_disk_full", "shard_chunks"]
+__all__ = ["EmbedStore", "chunk_bounds", "shard_chunks"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,38 +56,6 @@ _HEADER_BYTES = 4096
 _ARRAYS = (LATENT_FILE, LATENT_VAR_FILE, LATENT_IDX_FILE, LATENT_LIBSIZE_FILE)
 #: posix_fallocate errors that mean "this file system cannot reserve", not "the disk is full".
 _NO_FALLOCATE = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
-
-
-def _gib(n: int) -> str:
-    return f"{n / _GIB:.2f}" if n >= 0.01 * _GIB else f"{n / _GIB:.2g}"
-
-
-def disk_full(
-    directory: Path, need: int | None, free: int | None = None, *, about: bool = False
-) -> CensusScviError:
-    """The one-line error of a full disk: ``need N GiB free in DIR; M GiB free``.
-
-    ``about``: ``need`` is an estimate (of the outputs written after the chunks, which stay).
-    """
-    if free is None:
-        free = shutil.disk_usage(directory).free
-    what = (
-        f"need {'about ' if about else ''}{_gib(need)} GiB free in {directory}"
-        if need
-        else f"no space left in {directory}"
-    )
-    rerun = "rerun (the finished chunks are kept)" if about else "rerun"
-    return CensusScviError(
-        f"{what}; {_gib(free)} GiB free",
-        hint=f"free disk space (or use a run directory on a larger disk, -o), then {rerun}",
-    )
-
-
-def is_disk_full(e: BaseException) -> bool:
-    """An ENOSPC, as Python, TileDB or HDF5 report it."""
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return True
-    return "No space left on device" in str(e)
 
 
 def _reserve(path: Path, size: int, directory: Path, *, need: int | None = None) -> None:
