@@ -379,6 +379,33 @@ def test_two_shard_processes_then_merge(mini_census, model_run, embedded, tmp_pa
 
 
 @pytest.mark.slow
+def test_a_second_process_of_the_same_shard_is_refused_others_go_on(
+    mini_census, model_run, tmp_path, caplog
+):
+    run_dir = tmp_path / "locked"
+    copy_model(model_run, run_dir)
+    cfg = embed_config(mini_census)
+    path = _write_config(cfg, tmp_path / "cfg.yaml")
+    first = _cli(path, run_dir, "--shard", "1/2", sleep=3.0)
+    lock = run_dir / "embed" / ".shard-1-of-2.lock"
+    deadline = time.monotonic() + 120
+    while not lock.exists():
+        assert first.poll() is None, first.communicate()
+        assert time.monotonic() < deadline, "the first shard never took its lock"
+        time.sleep(0.1)
+    with pytest.raises(CensusScviError, match=f"embed shard 1/2 .*in use by PID {first.pid}"):
+        run_embed(cfg, run_dir=run_dir, shard=(1, 2))
+    assert run_embed(cfg, run_dir=run_dir, shard=(2, 2)).chunks_run == 4  # in parallel
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert lock.exists()  # what kill -9 leaves
+    with caplog.at_level("WARNING"):
+        res = run_embed(cfg, run_dir=run_dir, shard=(1, 2))
+    assert "taking over" in caplog.text and not lock.exists()
+    assert len(_done(run_dir)) == 8 and res.chunks_run <= 4
+
+
+@pytest.mark.slow
 def test_merge_refuses_missing_chunks(mini_census, model_run, tmp_path):
     run_dir = tmp_path / "partial"
     copy_model(model_run, run_dir)

@@ -31,9 +31,11 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +58,7 @@ from census_scvi.errors import CensusScviError, disk_full, is_disk_full
 from census_scvi.rundir import (
     StageRun,
     file_hash,
+    hold_lock,
     model_dir,
     peak_rss_bytes,
     run_stage,
@@ -215,15 +218,25 @@ def run_embed(
         if stage.skipped:
             return _skipped(run_dir, stage.figures)
         try:
-            return _embed(
-                config, stage, mdir, shard=shard, merge=merge, launched=launched, force=force
-            )
+            with _shard_lock(stage.dir, shard):
+                return _embed(
+                    config, stage, mdir, shard=shard, merge=merge, launched=launched, force=force
+                )
         except CensusScviError:
             raise
         except Exception as e:
             if is_disk_full(e):  # a write after the arrays (progress, SOMA, minified model)
                 raise _out_of_space(config, EmbedStore(stage.dir)) from None
             raise
+
+
+def _shard_lock(embed_dir: Path, shard: tuple[int, int] | None) -> AbstractContextManager[None]:
+    """One process per shard: a second ``--shard K/N`` of the same K fails at once, naming the
+    first (other shards go on in parallel, each under its own lock)."""
+    if shard is None:
+        return contextlib.nullcontext()
+    k, n = shard
+    return hold_lock(embed_dir / f".shard-{k}-of-{n}.lock", what=f"embed shard {k}/{n}")
 
 
 def _out_of_space(config: Config, store: EmbedStore) -> CensusScviError:
