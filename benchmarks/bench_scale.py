@@ -115,9 +115,15 @@ def run_size(args: argparse.Namespace, n: int) -> dict:
 
 
 def report(results: list[dict]) -> str:
-    """Seconds per million cells per stage, and RSS slope (bytes/cell) between sizes."""
-    lines = ["| stage | " + " | ".join(f"{r['cells']:,} cells: s/M cells, peak RSS" for r in results)
-             + " | RSS slope (bytes/cell) |", "|---" * (len(results) + 2) + "|"]  # fmt: skip
+    """Per stage and size: wall and CPU seconds per million cells, peak RSS; then the targets.
+
+    The last columns compare the largest size with the smallest: peak RSS ratio (target <=
+    1.25) and seconds per cell ratio, wall and CPU (target <= 1.2; CPU time is the steadier
+    figure on a shared machine), and the RSS slope in bytes per cell between consecutive sizes.
+    """
+    head = " | ".join(f"{r['cells']:,} cells: wall, CPU s/M; peak RSS" for r in results)
+    lines = [f"| stage | {head} | RSS ratio | s/cell ratio wall, CPU | RSS slope (bytes/cell) |",
+             "|---" * (len(results) + 4) + "|"]  # fmt: skip
     for stage in ("demo-data", *STAGES):
         cells = []
         for r in results:
@@ -125,16 +131,70 @@ def report(results: list[dict]) -> str:
             if "wall_s" not in f:
                 cells.append("reused")
                 continue
-            per_m = f["wall_s"] / (r["cells"] / 1e6)
-            cells.append(f"{per_m:,.0f} s/M, {f['peak_rss'] / 2**30:.2f} GiB")
-        slopes = []
-        for a, b in zip(results, results[1:], strict=False):
-            fa, fb = a.get(stage, {}), b.get(stage, {})
-            if "peak_rss" in fa and "peak_rss" in fb:
-                slopes.append(
-                    f"{(fb['peak_rss'] - fa['peak_rss']) / (b['cells'] - a['cells']):.0f}"
-                )
-        lines.append(f"| {stage} | " + " | ".join(cells) + f" | {', '.join(slopes) or '-'} |")
+            m = 1.0 if stage == "map" else r["cells"] / 1e6  # map: a fixed query, seconds
+            unit = "s" if stage == "map" else "s/M"
+            cells.append(f"{f['wall_s'] / m:,.0f}, {f['cpu_s'] / m:,.0f} {unit}; "
+                         f"{f['peak_rss'] / 2**30:.2f} GiB")  # fmt: skip
+        done = [r for r in results if "wall_s" in r.get(stage, {})]
+        ratio = per_cell = "-"
+        if len(done) >= 2:
+            a, b = done[0], done[-1]
+            fa, fb = a[stage], b[stage]
+            ratio = f"{fb['peak_rss'] / fa['peak_rss']:.2f}"
+            n = 1.0 if stage == "map" else b["cells"] / a["cells"]
+            per_cell = f"{fb['wall_s'] / fa['wall_s'] / n:.2f}, {fb['cpu_s'] / fa['cpu_s'] / n:.2f}"
+        slopes = [
+            f"{(b[stage]['peak_rss'] - a[stage]['peak_rss']) / (b['cells'] - a['cells']):.0f}"
+            for a, b in zip(done, done[1:], strict=False)
+        ]
+        lines.append(f"| {stage} | " + " | ".join(cells)
+                     + f" | {ratio} | {per_cell} | {', '.join(slopes) or '-'} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+CENSUS_CELLS = 99_600_000  # unique human cells, Census 2025-11-08
+CORES = os.cpu_count() or 1
+
+
+def _fit(results: list[dict], stage: str, key: str) -> tuple[float, float] | None:
+    """Least-squares ``a + b * cells`` of ``key`` over the sizes (None with under 2 sizes)."""
+    pts = [(r["cells"], r[stage][key]) for r in results if key in r.get(stage, {})]
+    if len(pts) < 2:
+        return None
+    import numpy as np
+
+    x, y = np.array(pts, dtype=float).T
+    b, a = np.polyfit(x, y, 1)
+    return float(a), float(b)
+
+
+def projection(results: list[dict], cells: int = CENSUS_CELLS) -> str:
+    """Per stage at ``cells``: wall here, core-hours, peak RSS and disk, from fitted lines.
+
+    Wall and CPU are linear fits through the sizes (their slope is the cost per cell); peak RSS
+    and disk too (intercept = the fixed part, slope = bytes per cell).
+    """
+    lines = [
+        f"Projection to {cells:,} cells (linear fits over {len(results)} sizes; "
+        f"this machine: {CORES} cores):",
+        "",
+        "| stage | wall here | CPU core-hours | peak RSS | RSS bytes/cell | disk |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stage in ("demo-data", *STAGES):
+        wall, cpu = _fit(results, stage, "wall_s"), _fit(results, stage, "cpu_s")
+        rss, disk = _fit(results, stage, "peak_rss"), _fit(results, stage, "disk_bytes")
+        if wall is None or cpu is None or rss is None:
+            continue
+        n = 1 if stage == "map" else cells  # map's query has a fixed size
+        hours = (wall[0] + wall[1] * n) / 3600
+        core_h = (cpu[0] + cpu[1] * n) / 3600
+        peak = (rss[0] + rss[1] * cells) / 2**30
+        gib = (disk[0] + disk[1] * n) / 2**30 if disk else float("nan")
+        lines.append(
+            f"| {stage} | {hours:,.1f} h | {core_h:,.1f} | {peak:,.2f} GiB | {rss[1]:,.1f} | "
+            f"{gib:,.1f} GiB |"
+        )
     return "\n".join(lines)
 
 
@@ -173,15 +233,21 @@ def main() -> None:
     p.add_argument("--root", default="/tmp/census-scvi-scale")
     p.add_argument("--demo-args", nargs=argparse.REMAINDER, default=[],
                    help="extra demo-data flags (last on the line)")  # fmt: skip
+    p.add_argument("--report-only", metavar="JSON", help="print the tables of a saved run")
     p.add_argument("--png", default="docs/scale.png")
     p.add_argument("--json", default="docs/scale.json")
     args = p.parse_args()
+    if args.report_only:
+        saved = json.loads(Path(args.report_only).read_text())
+        print(report(saved) + "\n\n" + projection(saved))
+        plot(saved, Path(args.png))
+        return
     print("command:", " ".join([os.path.basename(sys.executable), *sys.argv]), flush=True)
     results = []
     for n in sorted(args.sizes):
         results.append(run_size(args, n))
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    print(report(results))
+    print(report(results) + "\n\n" + projection(results))
     plot(results, Path(args.png))
     print(f"wrote {args.json} and {args.png}")
 
