@@ -88,6 +88,48 @@ def test_bad_values_show_the_value(override, needle):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("search.k=0", "invalid value for 'search.k': 0: Input should be greater than 0"),
+        ("search.recall_target=1.5", "'search.recall_target': 1.5: Input should be less than"),
+        ("search.nprobe=0", "invalid value for 'search.nprobe': 0"),
+        ("search.partitions=-3", "invalid value for 'search.partitions': -3"),
+        ("search.memory_gib=0", "invalid value for 'search.memory_gib': 0"),
+        ("search.build_memory_mib=true", "expected a number, got True"),
+        ("map.use_index=1", "'map.use_index': 1: expected true or false"),
+        ("embed.index=2", "'embed.index': 2: expected true or false"),
+        ("search.nprob=4", "unknown key 'nprob' in section 'search'; did you mean 'nprobe'?"),
+    ],
+)
+def test_search_keys_refuse_bad_values(override, needle):
+    with pytest.raises(CensusScviError) as e:
+        load_config(None, overrides=[override])
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_search_section_defaults_and_embed_index_leaves_stage_hashes_alone(tmp_path):
+    cfg = load_config(None)
+    s = cfg.search
+    assert (s.partitions, s.k, s.recall_target, s.calibration_cells) == (None, 30, 0.95, 1000)
+    assert (s.build_memory_mib, s.memory_gib, s.nprobe) == (64, 4.0, None)
+    assert cfg.map.use_index is True and cfg.embed.index is False
+    on = load_config(None, overrides=["embed.index=true", "search.nprobe=8", "map.use_index=false"])
+    assert on.embed.index is True and on.search.nprobe == 8 and on.map.use_index is False
+    # switching the index on does not redo embed (its hash leaves the key out); the other embed
+    # keys still count
+    embed = ["census", "anndata", "embed"]
+    assert config_hash(on, embed) == config_hash(cfg, embed)
+    other = load_config(None, overrides=["embed.round_bfloat16=false"])
+    assert config_hash(other, embed) != config_hash(cfg, embed)
+    # a YAML file with the section loads; the dump carries it
+    path = _write(tmp_path, "search:\n  k: 10\n  partitions: 50\nembed:\n  index: true\n")
+    from_file = load_config(path)
+    assert from_file.search.k == 10 and from_file.search.partitions == 50
+    assert "search:" in dump_config(from_file) and "use_index: true" in dump_config(from_file)
+
+
 def test_overrides_are_typed_by_field():
     cfg = load_config(
         SEED_CONFIG,

@@ -48,6 +48,7 @@ __all__ = [
     "MapConfig",
     "ModelConfig",
     "OutputConfig",
+    "SearchConfig",
     "TrainConfig",
     "TrainingPlanConfig",
     "cache_dir",
@@ -66,6 +67,9 @@ _FILE_NAME_FIELDS = ("filename", "model_filename")
 _RESERVED_NAMES = frozenset(
     {"manifest.json", "config.yaml", "logs", "checkpoints", "hvg.parquet", "cells.parquet"}
 )
+#: Marks a key that decides what runs after a stage, not the stage's outputs: config_hash leaves
+#: it out, so switching it does not redo the stage (embed.index).
+_UNHASHED: dict[str, Any] = {"hashed": False}
 
 
 def check_file_name(name: str, *, key: str, reserved: Iterable[str] = ()) -> str:
@@ -288,6 +292,14 @@ class TrainConfig(_Section):
     mode: Literal["memory", "stream"] = Field(
         "memory", description="memory: read prepare/anndata_model.h5ad; stream: read SOMA"
     )
+    memory_loader: Literal["census-scvi", "scvi-tools"] = Field(
+        "census-scvi",
+        description="memory mode's mini-batches: census-scvi: shuffled chunks of "
+        "stream_shuffle_chunk_size rows in I/O batches of stream_io_batch_size, built in a "
+        "read-ahead thread, as stream mode does (faster; no DataLoader worker processes); "
+        "scvi-tools: its DataSplitter / AnnDataLoader (indexes the AnnData per mini-batch; "
+        "uses train.num_workers). Same train/validation split either way",
+    )
     seed: int = Field(0, ge=0)
     checkpoint_every_n_epochs: int = Field(1, gt=0)
     checkpoint_every_minutes: float | None = Field(
@@ -409,6 +421,12 @@ class EmbedConfig(_Section):
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field(
         "auto", description="device for the encoder forward passes"
     )
+    index: bool = Field(
+        False,
+        description="build the nearest-cell index (census-scvi index, the search section) right "
+        "after embed, in 'census-scvi embed' and 'run'",
+        json_schema_extra=_UNHASHED,
+    )
 
     @field_validator("additional_contacts")
     @classmethod
@@ -481,6 +499,11 @@ class MapConfig(_Section):
     batch_size: int = Field(1024, gt=0, description="cells per encoder forward pass")
     unknown_label: str = Field("unknown", description="the label of low-confidence cells")
     seed: int = Field(0, ge=0)
+    use_index: bool = Field(
+        True,
+        description="search the run's index (census-scvi index) over every embedded cell when it "
+        "is current; false: exact search over knn_reference_cells",
+    )
 
     @model_validator(mode="after")
     def _overlap_order(self) -> MapConfig:
@@ -488,6 +511,18 @@ class MapConfig(_Section):
             msg = f"min_overlap={self.min_overlap} must be <= warn_overlap={self.warn_overlap}"
             raise ValueError(msg)
         return self
+
+
+class SearchConfig(_Section):
+    """The nearest-cell index (census-scvi index) and searching it (neighbors, map)."""
+
+    partitions: int | None = Field(None, gt=0, description="k-means partitions; null: sqrt(cells)")
+    k: int = Field(30, gt=0, description="neighbours per cell (neighbors) and the recall@k target")
+    recall_target: float = Field(0.95, gt=0.0, le=1.0, description="recall the nprobe must reach")
+    calibration_cells: int = Field(1000, gt=0, description="cells queried to calibrate nprobe")
+    build_memory_mib: int = Field(64, gt=0, description="vectors read per build step, in MiB")
+    memory_gib: float = Field(4.0, gt=0.0, description="index partitions held while querying")
+    nprobe: int | None = Field(None, gt=0, description="partitions searched; null: calibrated")
 
 
 class OutputConfig(_Section):
@@ -508,6 +543,7 @@ class Config(_Section):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)  # type: ignore[arg-type]
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)  # type: ignore[arg-type]
     map: MapConfig = Field(default_factory=MapConfig)  # type: ignore[arg-type]
+    search: SearchConfig = Field(default_factory=SearchConfig)  # type: ignore[arg-type]
     output: OutputConfig = Field(default_factory=OutputConfig)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
@@ -704,6 +740,10 @@ def dump_config(config: Config) -> str:
 def config_hash(config: Config, sections: Iterable[str] | None = None) -> str:
     """Stable hash of the whole config or of some sections (for manifests)."""
     data = config.model_dump(mode="json")
+    for name, section in _SECTIONS.items():
+        for key, f in section.model_fields.items():
+            if f.json_schema_extra == _UNHASHED:
+                data[name].pop(key, None)
     if sections is not None:
         data = {s: data[s] for s in sections}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
