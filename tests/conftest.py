@@ -56,11 +56,16 @@ def shared_file():
 @pytest.fixture(autouse=True)
 def _census_scvi_logs_reach_caplog():
     """The CLI (run in-process by CliRunner) points our logger at stderr and stops propagation;
-    undo that before each test so ``caplog`` sees the package's log records."""
+    undo that before each test so ``caplog`` sees the package's log records, and after it, so
+    that the next module's fixtures do not log to a CliRunner stream closed since."""
     import logging
 
-    log = logging.getLogger("census_scvi")
-    log.handlers[:] = []
-    log.propagate = True
-    log.setLevel(logging.NOTSET)
+    def reset() -> None:
+        log = logging.getLogger("census_scvi")
+        log.handlers[:] = []
+        log.propagate = True
+        log.setLevel(logging.NOTSET)
+
+    reset()
     yield
+    reset()

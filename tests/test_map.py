@@ -165,6 +165,9 @@ def test_output_file_layout(mapped, reference):
     assert isinstance(out.obs["predicted_cell_type"].dtype, pd.CategoricalDtype)
     rep = out.uns["census_scvi_map"]["overlap"]
     assert rep["n_found"] == 500 and rep["n_model_genes"] == 500
+    # the reference run has no index: exact search, and uns says so
+    uns = out.uns["census_scvi_map"]
+    assert uns["search"] == "exact" and "no finished index" in uns["search_reason"]
     assert 0 < rep["count_fraction"] < 1
     assert result.picture is not None and result.picture.read_bytes()[:4] == b"\x89PNG"
     assert "model genes found" in result.summary()

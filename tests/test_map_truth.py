@@ -14,10 +14,10 @@ import scipy.sparse as sp
 
 from census_scvi.config import MapConfig
 from census_scvi.errors import CensusScviError
+from census_scvi.knn import TransferResult
 from census_scvi.mapping import encode_query, gene_overlap
 from census_scvi.mapping._reference import _batch_codes, label_codes
 from census_scvi.mapping._stage import MapResult, _checked_overlap
-from census_scvi.mapping._transfer import TransferResult
 from census_scvi.mapping._truth import check_truth_column, query_obs_columns, score_truth
 
 MODEL_GENES = ["ENSG01", "ENSG02", "ENSG03", "ENSG04"]

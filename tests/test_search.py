@@ -1,6 +1,7 @@
 """Nearest-cell search: the index over every embedded cell (recall against exact numpy k-NN,
-skip, kill and resume, the Census metadata), neighbours of a query (predictions against exact
-search and against map's weights), the CLI, and the missing optional dependency."""
+skip, kill and resume, the Census metadata, the search config section), neighbours of a query
+(predictions against exact search and against map's weights), the CLI, and the missing optional
+dependency. The k-NN pieces are the shared layer's (census_scvi.knn), re-exported by search."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from census_scvi.cli import app
 from census_scvi.config import load_config
 from census_scvi.constants import EMBEDDING_INFO_KEY
 from census_scvi.errors import CensusScviError
+from census_scvi.knn import KnnLabelTransfer, kernel_weights, predict
 from census_scvi.search import (
     OBSM_DISTANCES,
     OBSM_JOINIDS,
@@ -35,7 +37,6 @@ from census_scvi.search import (
     run_neighbors,
 )
 from census_scvi.search._build import ingest_ivf_flat
-from census_scvi.search._vote import kernel_weights, predict
 
 COLUMNS = ["cell_type", "tissue_general", "disease"]
 
@@ -57,6 +58,28 @@ def _id_recall(found: np.ndarray, exact: np.ndarray) -> float:
     return float(
         np.mean([len(set(a) & set(b)) / exact.shape[1] for a, b in zip(found, exact, strict=True)])
     )
+
+
+def map_proba_oracle(reference, labels, query, k):
+    """map's label probabilities as mapping/_transfer.py computed them before the shared knn
+    layer (commit 621e204, KnnLabelTransfer.predict_proba), kept verbatim as the oracle.
+
+    Returns ``(classes, proba, dist, ind)``.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    y = np.asarray(labels).astype(str)
+    classes, codes = np.unique(y, return_inverse=True)
+    nn = NearestNeighbors(n_neighbors=int(min(k, y.size))).fit(np.asarray(reference, np.float32))
+    dist, ind = nn.kneighbors(np.asarray(query, dtype=np.float32))
+    scale = dist.mean(axis=1, keepdims=True)
+    scale = np.where(scale > 0, scale, 1.0)
+    w = np.exp(-(dist**2) / (2.0 * scale**2))
+    w /= w.sum(axis=1, keepdims=True)
+    proba = np.zeros((dist.shape[0], classes.size), dtype=np.float64)
+    rows = np.repeat(np.arange(dist.shape[0]), dist.shape[1])
+    np.add.at(proba, (rows, codes[ind].ravel()), w.ravel())
+    return classes, proba.astype(np.float32), dist, ind
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,7 +117,7 @@ def test_synthetic_index_recall_and_ids(tmp_path):
 
 
 def test_block_reads_of_a_memmap_equal_the_array(tmp_path):
-    from census_scvi.search._rows import iter_blocks, take_rows
+    from census_scvi.knn import iter_blocks, take_rows
 
     x = np.random.default_rng(3).normal(size=(1003, 7)).astype(np.float32)
     np.save(tmp_path / "latent.npy", x)
@@ -107,19 +130,26 @@ def test_block_reads_of_a_memmap_equal_the_array(tmp_path):
 
 
 def test_weights_and_votes_match_map_and_plain_plurality():
-    from census_scvi.mapping._transfer import KnnLabelTransfer
-
     rng = np.random.default_rng(2)
     ref = rng.normal(size=(400, 5)).astype(np.float32)
     labels = rng.choice(np.array(["a", "b", "c", "d"]), size=400)
     q = rng.normal(size=(60, 5)).astype(np.float32)
-    knn = KnnLabelTransfer(ref, labels, n_neighbors=15)
-    proba = knn.predict_proba(q)
-    dist, ind = knn._nn.kneighbors(q)
-    classes, codes = np.unique(labels, return_inverse=True)
+    classes, proba, dist, ind = map_proba_oracle(ref, labels, q, 15)
+    codes = np.unique(labels, return_inverse=True)[1]
     pred = predict(codes[ind], kernel_weights(dist), n_classes=classes.size)
+    # map's exact path: the very figures map gave before (float64 distances, float64 weights)
     np.testing.assert_array_equal(pred.codes, proba.argmax(axis=1))
-    np.testing.assert_allclose(pred.confidence, proba.max(axis=1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(pred.confidence, proba.max(axis=1))
+    res = KnnLabelTransfer(ref, labels, n_neighbors=15).predict(q, unknown_threshold=0.6)
+    np.testing.assert_array_equal(res.best, classes[proba.argmax(axis=1)])
+    np.testing.assert_array_equal(res.confidence, proba.max(axis=1))
+    low = proba.max(axis=1) < 0.6
+    assert low.any() and (res.labels[low] == "unknown").all()
+    assert (res.labels[~low] == res.best[~low]).all()
+    # the index's float32 distances weigh alike within float32 rounding
+    f32 = predict(codes[ind], kernel_weights(dist.astype(np.float32)), n_classes=classes.size)
+    assert kernel_weights(dist.astype(np.float32)).dtype == np.float32
+    np.testing.assert_allclose(f32.confidence, proba.max(axis=1), rtol=1e-5, atol=1e-6)
     votes = np.stack([(codes[ind] == c).sum(axis=1) for c in range(classes.size)], axis=1)
     share_of_pred = votes[np.arange(60), pred.codes] / 15
     np.testing.assert_allclose(pred.vote_share, share_of_pred, rtol=1e-6)
@@ -128,6 +158,37 @@ def test_weights_and_votes_match_map_and_plain_plurality():
     nc[:, -1], d[:, -1] = -1, np.inf
     part = predict(nc, kernel_weights(d), n_classes=classes.size)
     assert (part.vote_share * 14 == np.round(part.vote_share * 14)).all()
+
+
+def test_ties_break_as_map_and_index_neighbours_resolve_to_rows():
+    from census_scvi.knn import joinid_rows, sorted_codes, transfer_from_neighbors
+
+    # four neighbours at one distance, two "b" then two "a": a tie, won by the first sorted class
+    ref = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]], dtype=np.float32)
+    labels = ["b", "b", "a", "a"]
+    q = np.zeros((1, 2), dtype=np.float32)
+    classes, proba, _, _ = map_proba_oracle(ref, labels, q, 4)
+    assert classes[proba.argmax(axis=1)][0] == "a" and proba.max() == pytest.approx(0.5)
+    res = KnnLabelTransfer(ref, labels, n_neighbors=4).predict(q)
+    assert res.best[0] == "a" and res.confidence[0] == pytest.approx(0.5)
+    # the index path: label codes in first-seen order (b=0, a=1) are re-coded into sorted order
+    first_seen = np.array(["b", "a"], dtype=object)
+    ranked, sorted_classes = sorted_codes(np.array([[0, 0, 1, 1]]), first_seen)
+    assert list(sorted_classes) == ["a", "b"] and ranked.tolist() == [[1, 1, 0, 0]]
+    dist = np.ones((1, 4), dtype=np.float32)
+    got = transfer_from_neighbors(ranked, dist, sorted_classes)
+    assert got.best[0] == "a" and got.confidence[0] == pytest.approx(0.5)
+    # a cell without any neighbour: the unknown label, confidence 0
+    none = transfer_from_neighbors(np.full((1, 4), -1), np.full((1, 4), np.inf), sorted_classes)
+    assert none.best[0] == "unknown" and none.labels[0] == "unknown" and none.confidence[0] == 0
+    # soma_joinids the index found -> rows of the embedding (-1 stays missing)
+    joinids = np.array([3, 10, 17], dtype=np.int64)
+    found = np.array([[17, -1, 3], [10, 3, -1]], dtype=np.int64)
+    assert joinid_rows(joinids, found).tolist() == [[2, -1, 0], [1, 0, -1]]
+    with pytest.raises(CensusScviError, match="not in the run's embedding"):
+        joinid_rows(joinids, np.array([[11]]))
+    with pytest.raises(CensusScviError, match="not strictly ascending"):
+        joinid_rows(joinids[::-1].copy(), found)
 
 
 def test_missing_extra_names_the_install_command(monkeypatch, tmp_path):
@@ -228,6 +289,25 @@ def test_index_rerun_is_skipped_and_repairs_the_metadata(indexed):
 
 @pytest.mark.slow
 @needs_vs
+def test_index_settings_come_from_the_search_section_and_the_flag_wins(reference, tmp_path):
+    run = _copy_run(reference, tmp_path / "run")
+    sets = ["search.partitions=16", "search.calibration_cells=200", "search.k=10"]
+    result = run_index(load_config(run / "config.yaml", overrides=sets), run_dir=run)
+    f = result.figures
+    assert (f["partitions"], f["calibration_cells"], f["k"]) == (16, 200, 10)
+    assert "recall@10" in result.summary()
+    args = ["index", "-o", str(run)] + [a for s in sets for a in ("--set", s)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0 and "already built" in res.output  # same settings: skipped
+    res = CliRunner().invoke(app, [*args, "--partitions", "8"])
+    assert res.exit_code == 0, res.output
+    assert "index: built" in res.output and "8 partitions" in res.output
+    figures = json.loads((run / "index" / "manifest.json").read_text())["figures"]
+    assert figures["partitions"] == 8 and figures["k"] == 10
+
+
+@pytest.mark.slow
+@needs_vs
 def test_killed_build_leaves_nothing_visible_and_rerun_builds(reference, tmp_path):
     run = _copy_run(reference, tmp_path / "run")
     script = textwrap.dedent(
@@ -294,8 +374,6 @@ def test_neighbors_predictions_equal_exact_search(mini_census, neighbors, indexe
     import cellxgene_census
     from sklearn.neighbors import NearestNeighbors
 
-    from census_scvi.mapping._transfer import KnnLabelTransfer
-
     query, _, out = neighbors
     run, result = indexed
     latent = np.load(run / "embed" / "latent.npy")
@@ -315,8 +393,13 @@ def test_neighbors_predictions_equal_exact_search(mini_census, neighbors, indexe
         query, run_dir=run, out=tmp_path / "all.h5ad", nprobe=result.figures["partitions"]
     )
     got = ad.read_h5ad(full.out)
-    np.testing.assert_array_equal(got.obsm[OBSM_JOINIDS], ids[rows])
     np.testing.assert_allclose(got.obsm[OBSM_DISTANCES], dist, rtol=1e-4, atol=1e-4)
+    # the same cells, rank by rank, but for near-ties (float32 vs float64 distances) in another
+    # order: each cell found lies at the exact k-NN distance of its rank
+    found = got.obsm[OBSM_JOINIDS]
+    assert (found != ids[rows]).mean() < 1e-3
+    d_found = np.linalg.norm(z[:, None, :] - latent[np.searchsorted(ids, found)], axis=-1)
+    np.testing.assert_allclose(d_found, dist, rtol=1e-4, atol=1e-4)
     for col in COLUMNS:
         np.testing.assert_array_equal(
             got.obs[f"{col}_pred"].astype(str).to_numpy(), np.asarray(exact[col][0]).astype(str)
@@ -324,7 +407,7 @@ def test_neighbors_predictions_equal_exact_search(mini_census, neighbors, indexe
         np.testing.assert_allclose(got.obs[f"{col}_confidence"], exact[col][1], atol=1e-5)
     # the confidence is map's: weighted k-NN over every embedded cell at k = 30
     labels = ref_types.set_index("soma_joinid").loc[ids, "cell_type"].astype(str).to_numpy()
-    proba = KnnLabelTransfer(latent, labels, n_neighbors=30).predict_proba(z)
+    proba = map_proba_oracle(latent, labels, z, 30)[1]
     np.testing.assert_allclose(got.obs["cell_type_confidence"], proba.max(axis=1), atol=1e-5)
 
 

@@ -35,6 +35,11 @@ METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 UMAP_FILE = "umap.png"
 MODEL_CARD_FILE = "model_card.md"
+#: the nearest-cell index (census-scvi index): its stage folder and the index inside it
+INDEX_DIR = "index"
+INDEX_NAME = "ivf_flat"
+#: where the index is, relative to the run directory (as recorded in the embedding's metadata)
+INDEX_RELATIVE_URI = f"{INDEX_DIR}/{INDEX_NAME}"
 
 # census layout
 CENSUS_INFO = "census_info"

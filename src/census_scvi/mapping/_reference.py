@@ -2,9 +2,11 @@
 
 Memory: the label column is read in Arrow batches and kept as one int32 code per embedded cell
 (plus the batch's soma_joinids while aligning), never as a Python string per cell: at 100M cells
-that is ~0.4 GB of codes instead of ~6 GB of strings. The stratified sample
-(``map.knn_reference_cells``) is drawn from the codes; only the sampled rows of the latent (a
-memory map) are read, and only they get string labels.
+that is ~0.4 GB of codes instead of ~6 GB of strings. The stratified sample (of
+``map.knn_reference_cells`` cells for exact search, of ``map.reference_sample_size`` for the
+picture when the index serves the search) is drawn from the codes; only the sampled rows of the
+latent (a memory map) are read, and only they get string labels. With the index, the neighbours'
+labels are read from the codes of every embedded cell.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import tiledbsoma as soma
 
-__all__ = ["Reference", "check_label_column", "label_codes", "reference_sample"]
+__all__ = [
+    "Reference",
+    "check_label_column",
+    "label_codes",
+    "present_classes",
+    "reference_sample",
+]
 
 #: The label given to cells whose reference label is missing (null), as pandas' str(NaN).
 _NULL_LABEL = "nan"
@@ -113,21 +121,28 @@ def _batch_codes(column: pa.ChunkedArray, lookup: dict[str, int]) -> npt.NDArray
 
 
 def reference_sample(
-    experiment: soma.Experiment,
     latent: npt.NDArray[np.float32],
-    joinids: npt.NDArray[np.int64],
-    label_key: str,
+    codes: npt.NDArray[np.int32],
+    classes: npt.NDArray[np.object_],
     *,
     n_cells: int,
     seed: int,
 ) -> Reference:
-    """A stratified sample (by label) of at most ``n_cells`` embedded cells, with their labels."""
+    """A stratified sample (by label) of at most ``n_cells`` embedded cells, with their labels.
+
+    ``codes`` / ``classes``: :func:`label_codes` of every embedded cell (``latent``'s rows).
+    """
     from census_scvi.soma import stratified_indices
 
-    codes, classes = label_codes(experiment, joinids, label_key)
     keep = stratified_indices(codes, n_cells, seed=seed)
     return Reference(
         z=np.asarray(latent[keep], dtype=np.float32),
         labels=classes[codes[keep]],
-        n_embedded=int(joinids.size),
+        n_embedded=int(codes.size),
     )
+
+
+def present_classes(codes: npt.NDArray[np.int32], classes: npt.NDArray[np.object_]) -> list[str]:
+    """The labels at least one embedded cell has (one pass of counts, no per-cell strings)."""
+    counts = np.bincount(codes, minlength=len(classes)) if codes.size else np.zeros(len(classes))
+    return [str(c) for c, n in zip(classes, counts, strict=False) if n > 0]

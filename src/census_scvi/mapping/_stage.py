@@ -13,10 +13,13 @@
    ``embed/latent-idx.npy``) labelled from the obs of the census the embed manifest records
    (:mod:`~census_scvi.mapping._census`: checked against its fingerprint, never a demo census
    built on the spot), by weighted k-NN with a per-cell confidence; ``"unknown"`` under
-   ``map.unknown_threshold``; with ``truth``, scores the predictions against a query column
-   (:mod:`~census_scvi.mapping._truth`);
+   ``map.unknown_threshold``. The neighbours come from the run's index over every embedded cell
+   when it is current, else from exact search over a sample of ``map.knn_reference_cells``
+   (:mod:`~census_scvi.mapping._search`); with ``truth``, scores the predictions against a query
+   column (:mod:`~census_scvi.mapping._truth`);
 5. writes OUT.h5ad (the query plus ``obsm["X_scvi"]``, ``obs["predicted_<labels>"]``,
-   ``obs["predicted_<labels>_confidence"]``, ``uns["census_scvi_map"]`` with the overlap report)
+   ``obs["predicted_<labels>_confidence"]``, ``uns["census_scvi_map"]`` with the overlap report
+   and the search used)
    and ``OUT.umap.png`` (query and a reference sample in one UMAP).
 
 Wrong ``--labels`` / ``--truth`` columns, a missing embedding and a census that is not the one
@@ -46,6 +49,7 @@ import pandas as pd
 
 from census_scvi.constants import CONFIG_FILE
 from census_scvi.errors import CensusScviError
+from census_scvi.knn import KnnLabelTransfer, TransferResult
 from census_scvi.mapping._census import EmbeddedCensus, embedded_census, open_reference
 from census_scvi.mapping._genes import (
     OverlapReport,
@@ -56,8 +60,14 @@ from census_scvi.mapping._genes import (
     query_gene_ids,
 )
 from census_scvi.mapping._picture import draw_map
-from census_scvi.mapping._reference import Reference, check_label_column, reference_sample
-from census_scvi.mapping._transfer import KnnLabelTransfer, TransferResult
+from census_scvi.mapping._reference import (
+    Reference,
+    check_label_column,
+    label_codes,
+    present_classes,
+    reference_sample,
+)
+from census_scvi.mapping._search import SearchPlan, index_transfer, plan_search
 from census_scvi.mapping._truth import (
     TruthScores,
     check_truth_column,
@@ -112,6 +122,8 @@ class MapResult:
         Wall time.
     truth
         The scores against ``--truth`` (None without it).
+    search
+        The neighbour search used: ``"index"`` or ``"exact"``, and why.
     """
 
     out: Path
@@ -123,6 +135,7 @@ class MapResult:
     n_cells: int = 0
     seconds: float = 0.0
     truth: TruthScores | None = None
+    search: str = ""
 
     def summary(self) -> str:
         lines = [
@@ -134,6 +147,8 @@ class MapResult:
                 f"  genes: {self.overlap.n_duplicate_ids:,} query column(s) repeat another's "
                 "gene id; their counts are summed"
             )
+        if self.search:
+            lines.append(f"  search: {self.search}")
         lines.append(f"  predicted {self.label_key} (mean confidence {self.mean_confidence:.2f}):")
         total = max(self.n_cells, 1)
         for name, n in sorted(self.counts.items(), key=lambda kv: -kv[1])[:12]:
@@ -314,7 +329,7 @@ def transfer_labels(
 
     Returns
     -------
-    :class:`~census_scvi.mapping._transfer.TransferResult` (``labels``, ``best``, ``confidence``).
+    :class:`~census_scvi.knn.TransferResult` (``labels``, ``best``, ``confidence``).
 
     Examples
     --------
@@ -435,21 +450,15 @@ def run_map(
         if columns is None:
             check_truth_column([str(c) for c in adata.obs.columns], truth, query=query)
         report = _checked_overlap(inputs.config.map, adata, inputs.model_genes, gene_ids)
-        ref = reference_sample(
-            experiment,
-            inputs.latent,
-            inputs.joinids,
-            labels,
-            n_cells=inputs.config.map.knn_reference_cells,
-            seed=inputs.config.map.seed,
-        )
-    z, res = _predict(inputs, adata, ref, gene_ids)
+        search = _search(inputs, run_dir, label_codes(experiment, inputs.joinids, labels))
+    ref = search.sample
+    z, res = _predict(inputs, adata, search, gene_ids)
     scores = None
     if truth is not None:
         scores = score_truth(
-            adata, truth, res, ref.labels, unknown_label=inputs.config.map.unknown_label
+            adata, truth, res, search.known_labels(), unknown_label=inputs.config.map.unknown_label
         )
-    _annotate(adata, z, res, report, labels, inputs, run_dir, ref, scores)
+    _annotate(adata, z, res, report, labels, inputs, run_dir, search, scores)
     with atomic_path(out) as tmp:
         adata.write_h5ad(tmp)
     picture = out.with_name(f"{out.stem}.umap.png")
@@ -474,6 +483,7 @@ def run_map(
         n_cells=int(adata.n_obs),
         seconds=time.perf_counter() - t0,
         truth=scores,
+        search=search.line(),
     )
 
 
@@ -490,8 +500,53 @@ def _inputs(run_dir: Path, out: Path, overrides: Sequence[str], *, force: bool) 
     return _Inputs(config, model_path, model_genes, census, latent, joinids)
 
 
+@dataclass
+class _Search:
+    """The label transfer's reference: the search plan, every embedded cell's label, a sample.
+
+    The sample is the exact search's reference (``map.knn_reference_cells``) or, when the index
+    serves the search, only the picture's (``map.reference_sample_size``).
+    """
+
+    plan: SearchPlan
+    codes: npt.NDArray[np.int32]
+    classes: npt.NDArray[np.object_]
+    sample: Reference
+
+    @property
+    def n_cells(self) -> int:
+        """Reference cells searched."""
+        return self.sample.n_embedded if self.plan.kind == "index" else self.sample.n_cells
+
+    def known_labels(self) -> npt.ArrayLike:
+        """The labels the searched reference holds."""
+        if self.plan.kind == "index":
+            return present_classes(self.codes, self.classes)
+        return self.sample.labels
+
+    def line(self) -> str:
+        where = "every" if self.plan.kind == "index" else "a sample of"
+        return (
+            f"{self.plan.kind}, over {where} {self.n_cells:,} embedded cells ({self.plan.reason})"
+        )
+
+
+def _search(
+    inputs: _Inputs,
+    run_dir: Path,
+    labelled: tuple[npt.NDArray[np.int32], npt.NDArray[np.object_]],
+) -> _Search:
+    """Index or exact search (one log line says which), and the reference sample it needs."""
+    mc = inputs.config.map
+    plan = plan_search(run_dir, use_index=mc.use_index, nprobe=inputs.config.search.nprobe)
+    codes, classes = labelled
+    n = mc.reference_sample_size if plan.kind == "index" else mc.knn_reference_cells
+    sample = reference_sample(inputs.latent, codes, classes, n_cells=n, seed=mc.seed)
+    return _Search(plan, codes, classes, sample)
+
+
 def _predict(
-    inputs: _Inputs, adata: ad.AnnData, ref: Reference, gene_ids: str | None
+    inputs: _Inputs, adata: ad.AnnData, search: _Search, gene_ids: str | None
 ) -> tuple[npt.NDArray[np.float32], TransferResult]:
     """The query's latent (encoder, chunk by chunk), then the labels by weighted k-NN."""
     mc = inputs.config.map
@@ -505,10 +560,23 @@ def _predict(
         accelerator="cpu" if inputs.config.train.accelerator == "cpu" else "auto",
     )
     logger.info("map: latent of %d cells in %.1f s", adata.n_obs, time.perf_counter() - t)
+    if search.plan.kind == "index":
+        res = index_transfer(
+            search.plan,
+            z,
+            search.codes,
+            search.classes,
+            inputs.joinids,
+            n_neighbors=mc.n_neighbors,
+            memory_gib=inputs.config.search.memory_gib,
+            unknown_threshold=mc.unknown_threshold,
+            unknown_label=mc.unknown_label,
+        )
+        return z, res
     res = transfer_labels(
         z,
-        ref.z,
-        ref.labels,
+        search.sample.z,
+        search.sample.labels,
         n_neighbors=mc.n_neighbors,
         unknown_threshold=mc.unknown_threshold,
         unknown_label=mc.unknown_label,
@@ -570,7 +638,7 @@ def _annotate(
     labels: str,
     inputs: _Inputs,
     run_dir: Path,
-    ref: Reference,
+    search: _Search,
     scores: TruthScores | None,
 ) -> None:
     """Add the latent, the predictions and the map report to the query."""
@@ -588,8 +656,9 @@ def _annotate(
         "label_key": labels,
         "n_neighbors": mc.n_neighbors,
         "unknown_threshold": mc.unknown_threshold,
-        "n_reference_cells": ref.n_cells,
-        "n_embedded_cells": ref.n_embedded,
+        "n_reference_cells": search.n_cells,
+        "n_embedded_cells": search.sample.n_embedded,
+        **search.plan.to_uns(),
     }
     if scores is not None:
         uns["truth"] = scores.to_uns()

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import anndata as ad
     import pandas as pd
 
-    from census_scvi.mapping._transfer import TransferResult
+    from census_scvi.knn import TransferResult
 
 __all__ = ["CONFIDENCE_EDGES", "TruthScores", "check_truth_column", "score_truth"]
 

@@ -5,11 +5,14 @@
 encodes a user's h5ad, finds its nearest embedded cells and predicts obs columns from them.
 Needs the ``search`` extra (``pip install 'census-scvi[search]'``).
 
-Waiting on the shared layers: the query's gene alignment (``_query.py``) repeats part of
-``mapping/_genes.py``, which should move to a shared module both stages import.
+What ``map`` shares with this stage lives in shared layers: the query's raw-count check and gene
+alignment in :mod:`census_scvi.counts`, the index queries, exact k-NN, the index's freshness and
+the kernel-weighted vote in :mod:`census_scvi.knn` (re-exported here as before), the index's
+folder names in :mod:`census_scvi.constants`.
 """
 
-from census_scvi.search._knn import exact_knn, open_index, query_index, recall_at_k
+from census_scvi.constants import INDEX_DIR, INDEX_NAME, INDEX_RELATIVE_URI
+from census_scvi.knn import embedding_identity, exact_knn, open_index, query_index, recall_at_k
 from census_scvi.search._neighbors import (
     DEFAULT_COLUMNS,
     OBSM_DISTANCES,
@@ -18,14 +21,7 @@ from census_scvi.search._neighbors import (
     predict_obs,
     run_neighbors,
 )
-from census_scvi.search._stage import (
-    INDEX_DIR,
-    INDEX_NAME,
-    INDEX_RELATIVE_URI,
-    IndexResult,
-    embedding_identity,
-    run_index,
-)
+from census_scvi.search._stage import IndexResult, run_index
 
 __all__ = [
     "DEFAULT_COLUMNS",

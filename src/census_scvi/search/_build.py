@@ -2,7 +2,7 @@
 
 The vectors are never handed to ``ingest`` as one array: ``input_vectors=`` writes them with one
 ``array[:, :] = transpose(vectors)``, which holds every vector (and its transpose) in memory. We
-stream ``latent.npy`` (plain block reads, :mod:`census_scvi.search._rows`) into an ``F32BIN`` file and the soma_joinids into a dense TileDB
+stream ``latent.npy`` (plain block reads, :mod:`census_scvi.knn._rows`) into an ``F32BIN`` file and the soma_joinids into a dense TileDB
 array, chunk by chunk, and let ingest read both back in work items of ``build_memory_mib``
 (``input_vectors_per_work_item``; ingest runs LOCAL work items one at a time) under TileDB read
 budgets of the same order, so memory is bounded by that budget plus the k-means sample, not by
@@ -25,9 +25,8 @@ import numpy as np
 import numpy.typing as npt
 
 from census_scvi.errors import CensusScviError
+from census_scvi.knn import iter_blocks, take_rows, vector_search
 from census_scvi.progress import track
-from census_scvi.search._deps import vector_search
-from census_scvi.search._rows import iter_blocks, take_rows
 
 __all__ = ["default_partitions", "ingest_ivf_flat", "training_sample_size"]
 

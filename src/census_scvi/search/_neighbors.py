@@ -3,10 +3,11 @@
 ``run_neighbors(QUERY.h5ad, run_dir=RUN_DIR, out=OUT.h5ad)``:
 
 1. encodes the query as ``census-scvi map`` does (:mod:`census_scvi.search._query`);
-2. searches the run's index (``census-scvi index``) for the ``k`` nearest embedded cells, at the
-   nprobe calibrated when the index was built unless one is given;
+2. searches the run's index (``census-scvi index``) for the ``k`` nearest embedded cells
+   (default ``search.k``), at the nprobe calibrated when the index was built unless one is given
+   (``--nprobe`` or ``search.nprobe``);
 3. reads the requested obs columns of those cells from the census the run embedded and predicts
-   each (:mod:`census_scvi.search._vote`);
+   each with ``map``'s weights (the shared :mod:`census_scvi.knn` layer);
 4. writes OUT.h5ad atomically: the query plus ``obsm["X_scvi"]`` (latent),
    ``obsm["neighbors_joinids"]`` (int64 n x k soma_joinids, nearest first, -1 where missing),
    ``obsm["neighbors_distances"]`` (float32 Euclidean distances, inf where missing), and for each
@@ -36,11 +37,9 @@ import pandas as pd
 
 from census_scvi.constants import CONFIG_FILE
 from census_scvi.errors import CensusScviError
-from census_scvi.rundir import atomic_path, model_dir, read_manifest, refuse_overwrite
-from census_scvi.search._knn import open_index, query_index
+from census_scvi.knn import IndexStatus, index_status, kernel_weights, predict, search_index
+from census_scvi.rundir import atomic_path, model_dir, refuse_overwrite
 from census_scvi.search._query import encode_query
-from census_scvi.search._stage import INDEX_DIR, INDEX_NAME, embedding_identity
-from census_scvi.search._vote import kernel_weights, predict
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -95,8 +94,8 @@ class NeighborsResult:
         return "\n".join(lines)
 
 
-def _check_args(k: int, nprobe: int | None, columns: Sequence[str]) -> None:
-    if k < 1:
+def _check_args(k: int | None, nprobe: int | None, columns: Sequence[str]) -> None:
+    if k is not None and k < 1:
         msg = f"-k {k} must be at least 1"
         raise CensusScviError(msg, hint="e.g. -k 30")
     if nprobe is not None and nprobe < 1:
@@ -117,17 +116,15 @@ def _run_config(run_dir: Path, overrides: Sequence[str]) -> Config:
     return load_config(path, overrides=overrides)
 
 
-def _current_index(run_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """The run's index and its figures; an error when it is missing or older than the embedding."""
-    sdir = run_dir / INDEX_DIR
-    manifest = read_manifest(sdir)
-    if manifest is None or not (sdir / INDEX_NAME).exists():
-        msg = f"no finished index in {sdir}"
-        raise CensusScviError(msg, hint=f"run 'census-scvi index -o {run_dir}' first")
-    if manifest.get("inputs", {}).get("embedding") != embedding_identity(run_dir):
-        msg = f"the index in {sdir} was built from an earlier embedding of this run"
-        raise CensusScviError(msg, hint=f"rebuild it: 'census-scvi index -o {run_dir}'")
-    return sdir / INDEX_NAME, dict(manifest.get("figures", {}))
+def _current_index(run_dir: Path) -> IndexStatus:
+    """The run's index; an error when it is missing or older than the embedding."""
+    status = index_status(run_dir)
+    if status.problem == "missing":
+        hint = f"run 'census-scvi index -o {run_dir}' first"
+        raise CensusScviError(status.reason(), hint=hint)
+    if status.problem == "stale":
+        raise CensusScviError(status.reason(), hint=f"rebuild it: 'census-scvi index -o {run_dir}'")
+    return status
 
 
 def _read_query(query: Path) -> ad.AnnData:
@@ -198,11 +195,11 @@ def run_neighbors(
     *,
     run_dir: str | os.PathLike[str],
     out: str | os.PathLike[str],
-    k: int = 30,
+    k: int | None = None,
     columns: Sequence[str] = DEFAULT_COLUMNS,
     nprobe: int | None = None,
     gene_ids: str | None = None,
-    memory_gib: float = 4.0,
+    memory_gib: float | None = None,
     overrides: Sequence[str] = (),
     force: bool = False,
 ) -> NeighborsResult:
@@ -217,15 +214,16 @@ def run_neighbors(
     out
         Output h5ad (never overwritten unless ``force``).
     k
-        Neighbours per query cell.
+        Neighbours per query cell; default ``search.k`` (30).
     columns
         Census obs columns to predict.
     nprobe
-        Index partitions searched per cell; default the one calibrated at build time.
+        Index partitions searched per cell; default ``search.nprobe``, whose null is the one
+        calibrated at build time.
     gene_ids
         Query var column with the model's gene ids (Ensembl); default the var index.
     memory_gib
-        Memory for the index's partitions during the search.
+        Memory for the index's partitions during the search; default ``search.memory_gib``.
     overrides
         ``section.key=value`` settings applied over the run's config.
     force
@@ -241,8 +239,11 @@ def run_neighbors(
     _check_args(k, nprobe, columns)
     refuse_overwrite(out, force=force, what="output file")
     config = _run_config(run_dir, overrides)
-    index_uri, facts = _current_index(run_dir)
-    nprobe = int(nprobe or facts.get("nprobe") or 1)
+    status = _current_index(run_dir)
+    k = int(k or config.search.k)
+    nprobe = int(nprobe or config.search.nprobe or status.nprobe)
+    memory_gib = config.search.memory_gib if memory_gib is None else memory_gib
+    index_uri = status.path
     _check_columns(config, columns)
     adata = _read_query(query)
     z = encode_query(
@@ -255,7 +256,9 @@ def run_neighbors(
         min_overlap=config.map.min_overlap,
         warn_overlap=config.map.warn_overlap,
     )
-    ids, dist = _search(index_uri, z, k=k, nprobe=nprobe, memory_gib=memory_gib)
+    ids, dist = search_index(
+        index_uri, z, k=k, nprobe=nprobe, memory_gib=memory_gib, who="neighbors"
+    )
     from census_scvi.soma import get_experiment, open_census
 
     with open_census(config) as census:
@@ -282,34 +285,6 @@ def run_neighbors(
         mean_confidence={c: float(np.mean(p[1])) for c, p in preds.items()},
         seconds=time.perf_counter() - t0,
     )
-
-
-def _search(
-    index_uri: Path, z: npt.NDArray[np.float32], *, k: int, nprobe: int, memory_gib: float
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    index = open_index(str(index_uri), memory_gib=memory_gib)
-    if int(index.dimensions) != z.shape[1]:
-        msg = f"the index has {index.dimensions} dimensions, the model's latent {z.shape[1]}"
-        raise CensusScviError(msg, hint="rebuild the index: 'census-scvi index --force'")
-    if k > int(index.size):
-        msg = f"-k {k} is more than the {int(index.size):,} indexed cells"
-        raise CensusScviError(msg, hint=f"use -k {int(index.size)} or less")
-    t = time.perf_counter()
-    ids, dist = query_index(index, z, k=k, nprobe=nprobe)
-    logger.info(
-        "neighbors: searched %d cells in %.1f s (nprobe %d)",
-        z.shape[0],
-        time.perf_counter() - t,
-        nprobe,
-    )
-    if (ids < 0).any():
-        logger.warning(
-            "neighbors: %d cells have fewer than %d neighbours at nprobe %d; raise --nprobe",
-            int((ids < 0).any(axis=1).sum()),
-            k,
-            nprobe,
-        )
-    return ids, dist
 
 
 def _annotate(

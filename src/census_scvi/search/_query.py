@@ -7,9 +7,8 @@ checked to hold raw counts, and the trained model's encoder gives the posterior 
 (:func:`census_scvi.scvi_model.encode_csr`). Below ``map.min_overlap`` of the model's genes the
 query is refused; below ``map.warn_overlap`` a warning is logged.
 
-The raw-count check and the gene-id rules are the shared ones (:mod:`census_scvi.counts`); the
-alignment matrix repeats the few lines of ``mapping/_genes.py``'s ``gene_selection``, because a
-stage may not import another stage; it belongs in a shared layer (see the package docstring).
+The raw-count check, the gene-id rules and the alignment matrix (``gene_selection``) are the
+shared ones (:mod:`census_scvi.counts`), which ``map`` uses too.
 """
 
 from __future__ import annotations

@@ -30,7 +30,6 @@ Examples
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -41,22 +40,21 @@ from typing import TYPE_CHECKING, Any
 from census_scvi.constants import (
     EMBED_DIR,
     EMBEDDING_SOMA,
-    LATENT_FILE,
-    LATENT_IDX_FILE,
+    INDEX_DIR,
+    INDEX_NAME,
+    INDEX_RELATIVE_URI,
     STAGE_LOCK,
 )
 from census_scvi.errors import CensusScviError
+from census_scvi.knn import calibrate_nprobe, embedding_identity, open_index, vector_search
 from census_scvi.rundir import (
     atomic_path,
     load_embedding,
     peak_rss_bytes,
-    read_manifest,
     remove_within,
     run_stage,
 )
 from census_scvi.search._build import ingest_ivf_flat
-from census_scvi.search._deps import vector_search
-from census_scvi.search._knn import calibrate_nprobe, open_index
 from census_scvi.search._metadata import INDEX_TYPE, embedding_indexes, record_index
 
 if TYPE_CHECKING:
@@ -65,14 +63,16 @@ if TYPE_CHECKING:
 
     from census_scvi.config import Config
 
-__all__ = ["INDEX_DIR", "INDEX_NAME", "INDEX_RELATIVE_URI", "IndexResult", "run_index"]
+__all__ = [
+    "INDEX_DIR",
+    "INDEX_NAME",
+    "INDEX_RELATIVE_URI",
+    "IndexResult",
+    "embedding_identity",
+    "run_index",
+]
 
 logger = logging.getLogger(__name__)
-
-INDEX_DIR = "index"
-INDEX_NAME = "ivf_flat"
-#: where the index is, relative to the run directory (as recorded in the metadata)
-INDEX_RELATIVE_URI = f"{INDEX_DIR}/{INDEX_NAME}"
 
 
 @dataclass
@@ -109,24 +109,6 @@ class IndexResult:
         )
 
 
-def embedding_identity(run_dir: Path) -> str:
-    """What the index is built from: the finished embed manifest and the latent files' stats."""
-    embed_dir = Path(run_dir) / EMBED_DIR
-    manifest = read_manifest(embed_dir)
-    if manifest is None:
-        msg = f"the embedding in {embed_dir} is not finished (no manifest.json)"
-        raise CensusScviError(msg, hint="run 'census-scvi embed' (or 'census-scvi run') first")
-    parts = [
-        str(manifest.get("config_hash")),
-        json.dumps(manifest.get("inputs"), sort_keys=True),
-        str(manifest.get("finished")),
-    ]
-    for name in (LATENT_FILE, LATENT_IDX_FILE):
-        st = (embed_dir / name).stat()
-        parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
 def _check_args(k: int, recall_target: float, calibration_cells: int, memory_mib: int) -> None:
     if k < 1:
         msg = f"k={k} must be at least 1"
@@ -147,26 +129,30 @@ def run_index(
     run_dir: str | os.PathLike[str],
     force: bool = False,
     partitions: int | None = None,
-    k: int = 30,
-    recall_target: float = 0.95,
-    calibration_cells: int = 1000,
-    build_memory_mib: int = 64,
+    k: int | None = None,
+    recall_target: float | None = None,
+    calibration_cells: int | None = None,
+    build_memory_mib: int | None = None,
     seed: int = 0,
 ) -> IndexResult:
     """Build (or find current) the IVF_FLAT index over every embedded cell of ``run_dir``.
 
+    The settings left None are the config's ``search`` section's (``search.partitions``, ...).
+
     Parameters
     ----------
     config
-        The run's resolved config (identifies the run; the index settings are the arguments).
+        The run's resolved config (identifies the run; its ``search`` section the settings).
     run_dir
         A run directory whose embed stage has finished.
     force
         Rebuild even when the index is current.
     partitions
-        k-means partitions; default ``sqrt(n_cells)`` (TileDB-Vector-Search's default).
+        k-means partitions; default ``search.partitions``, whose null is ``sqrt(n_cells)``
+        (TileDB-Vector-Search's default).
     k, recall_target
-        The default nprobe recorded is the smallest reaching ``recall_target`` recall@``k``.
+        The default nprobe recorded is the smallest reaching ``recall_target`` recall@``k``
+        (``search.k``, ``search.recall_target``).
     calibration_cells
         Indexed cells queried (against exact search over every cell) to measure recall.
     build_memory_mib
@@ -178,17 +164,15 @@ def run_index(
     -------
     An :class:`IndexResult`; the index is at ``RUN_DIR/index/ivf_flat``.
     """
+    given: dict[str, Any] = {"partitions": partitions, "k": k, "recall_target": recall_target}
+    given |= {"calibration_cells": calibration_cells, "build_memory_mib": build_memory_mib}
+    settings = {key: getattr(config.search, key) if v is None else v for key, v in given.items()}
+    memory_mib = int(settings.pop("build_memory_mib"))  # how, not what: not in the identity
+    settings["seed"] = seed
     vs = vector_search()
-    _check_args(k, recall_target, calibration_cells, build_memory_mib)
+    _check_args(settings["k"], settings["recall_target"], settings["calibration_cells"], memory_mib)
     run_dir = Path(run_dir)
     latent, joinids = load_embedding(run_dir)
-    settings = {
-        "partitions": partitions,
-        "k": k,
-        "recall_target": recall_target,
-        "calibration_cells": calibration_cells,
-        "seed": seed,
-    }
     inputs = {
         "embedding": embedding_identity(run_dir),
         "settings": json.dumps(settings, sort_keys=True),
@@ -208,7 +192,7 @@ def run_index(
             figures = dict(run.figures)
             figures["recorded_in"] = _ensure_recorded(run_dir)
             return IndexResult(run_dir, skipped=True, figures=figures)
-        figures = _build(run.dir, latent, joinids, settings, build_memory_mib)
+        figures = _build(run.dir, latent, joinids, settings, memory_mib)
         figures["recorded_in"] = _ensure_recorded(run_dir)
         entry = {"type": INDEX_TYPE, "relative_uri": INDEX_RELATIVE_URI}
         run.record(

@@ -6,7 +6,7 @@ from typing import Any
 
 from census_scvi.errors import CensusScviError
 
-__all__ = ["INSTALL_HINT", "vector_search"]
+__all__ = ["INSTALL_HINT", "have_vector_search", "vector_search"]
 
 INSTALL_HINT = "pip install 'census-scvi[search]'"
 
@@ -19,3 +19,12 @@ def vector_search() -> Any:
         msg = f"the nearest-cell index needs TileDB-Vector-Search, which is not installed ({e})"
         raise CensusScviError(msg, hint=f"install it with: {INSTALL_HINT}") from None
     return vs
+
+
+def have_vector_search() -> bool:
+    """Whether TileDB-Vector-Search imports (``map`` falls back to exact search without it)."""
+    try:
+        vector_search()
+    except CensusScviError:
+        return False
+    return True

@@ -1,5 +1,7 @@
 """Querying an index, exact k-NN as the oracle, recall, and the nprobe that reaches a recall.
 
+Shared by ``census-scvi index`` (calibration), ``neighbors`` and ``map`` (:func:`search_index`).
+
 Distances: the index stores squared Euclidean distances (TileDB-Vector-Search's default
 ``SUM_OF_SQUARES``); :func:`query_index` returns their square roots, the Euclidean distances
 scikit-learn's ``NearestNeighbors`` gives ``map``, so the two weight neighbours alike.
@@ -13,22 +15,27 @@ calibration queries are indexed cells; each one's own row is excluded from both 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from census_scvi.search._deps import vector_search
-from census_scvi.search._rows import iter_blocks, take_rows
+from census_scvi.errors import CensusScviError
+from census_scvi.knn._deps import vector_search
+from census_scvi.knn._rows import iter_blocks, take_rows
 
 __all__ = [
     "Calibration",
     "calibrate_nprobe",
     "exact_knn",
+    "joinid_rows",
     "open_index",
     "query_index",
     "recall_at_k",
+    "search_index",
 ]
 
 logger = logging.getLogger(__name__)
@@ -80,6 +87,79 @@ def query_index(
         missing = found == _MISSING
         ids[start:stop] = np.where(missing, -1, found.astype(np.int64, copy=False))
         dist[start:stop] = np.where(missing, np.inf, np.sqrt(np.maximum(d2, 0.0)))
+    return ids, dist
+
+
+def joinid_rows(
+    joinids: npt.NDArray[np.int64], found: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
+    """Rows of ``found`` soma_joinids (-1: none) in the embedding's ascending ``joinids``.
+
+    Raises
+    ------
+    CensusScviError
+        When ``joinids`` is not ascending or a found id is not among them (an index of another
+        embedding).
+    """
+    if joinids.size > 1 and not bool((np.diff(joinids) > 0).all()):
+        msg = "the embedding's soma_joinids (latent-idx.npy) are not strictly ascending"
+        raise CensusScviError(msg, hint="re-run 'census-scvi embed --force'")
+    valid = found >= 0
+    rows = np.searchsorted(joinids, np.where(valid, found, 0))
+    rows = np.minimum(rows, max(joinids.size - 1, 0))
+    if joinids.size == 0 or not bool((joinids[rows] == found)[valid].all()):
+        msg = "the index holds soma_joinids that are not in the run's embedding"
+        raise CensusScviError(msg, hint="rebuild the index: 'census-scvi index --force'")
+    return np.where(valid, rows, -1)
+
+
+def search_index(
+    path: str | Path,
+    queries: npt.NDArray[np.floating],
+    *,
+    k: int,
+    nprobe: int,
+    memory_gib: float | None = 4.0,
+    who: str = "search",
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """Open the index at ``path`` and return each query's ``k`` nearest cells (:func:`query_index`).
+
+    ``who`` names the command in the log lines (time taken; cells left with fewer than ``k``
+    neighbours at this nprobe).
+
+    Raises
+    ------
+    CensusScviError
+        When the index's dimensions are not the queries', or ``k`` exceeds the indexed cells.
+    """
+    index = open_index(str(path), memory_gib=memory_gib)
+    if int(index.dimensions) != queries.shape[1]:
+        msg = (
+            f"the index at {path} has {index.dimensions} dimensions, the latent {queries.shape[1]}"
+        )
+        raise CensusScviError(msg, hint="rebuild the index: 'census-scvi index --force'")
+    if k > int(index.size):
+        msg = f"k={k} neighbours is more than the {int(index.size):,} indexed cells"
+        raise CensusScviError(msg, hint=f"ask for {int(index.size)} or fewer")
+    t = time.perf_counter()
+    ids, dist = query_index(index, queries, k=k, nprobe=nprobe)
+    logger.info(
+        "%s: searched the index for %d cells in %.1f s (nprobe %d)",
+        who,
+        queries.shape[0],
+        time.perf_counter() - t,
+        nprobe,
+    )
+    short = int((ids < 0).any(axis=1).sum())
+    if short:
+        logger.warning(
+            "%s: %d cells have fewer than %d neighbours at nprobe %d; raise the nprobe "
+            "(search.nprobe)",
+            who,
+            short,
+            k,
+            nprobe,
+        )
     return ids, dist
 
 

@@ -1,13 +1,17 @@
-"""Predicted obs values from a cell's nearest neighbours: weighted as ``map`` weights, and a plain vote.
+"""Predicted values from a cell's nearest neighbours: kernel-weighted (``map``'s), and a plain vote.
 
-Weights are ``map``'s (``mapping/_transfer.py``): a Gaussian kernel whose width is the cell's
-mean neighbour distance, ``w_ij = exp(-d_ij^2 / (2 s_i^2))``, normalised to sum to 1. The
-prediction is the value of largest summed weight (ties: the first in sorted order, as ``map``'s
-argmax), ``confidence`` its summed weight, and ``vote_share`` the plain fraction of the
-neighbours holding it: where the plurality value equals the prediction (nearly always) it is the
-``<col>_confidence`` that ``cellxgene_census.experimental.predict_obs_metadata`` reports.
+One implementation for ``map`` (label transfer, :mod:`census_scvi.knn._transfer`) and
+``neighbors`` (obs predictions). Weights: a Gaussian kernel whose width is the cell's mean
+neighbour distance, ``w_ij = exp(-d_ij^2 / (2 s_i^2))``, normalised to sum to 1, computed in the
+distances' precision (float64 from scikit-learn's exact search, float32 from the index), so the
+exact path gives the very figures ``map`` gave before this layer existed. The prediction is the
+value of largest summed weight (sums in float64, compared in float32; ties: the smallest code,
+i.e. the first of sorted classes, as an argmax), ``confidence`` its summed weight, and
+``vote_share`` the plain fraction of the neighbours holding it: where the plurality value equals
+the prediction (nearly always) it is the ``<col>_confidence`` that
+``cellxgene_census.experimental.predict_obs_metadata`` reports.
 
-Neighbours missing from a search (-1 ids, infinite distances) carry no weight and no vote.
+Neighbours missing from a search (-1 codes, infinite distances) carry no weight and no vote.
 """
 
 from __future__ import annotations
@@ -34,17 +38,23 @@ class Prediction:
     """Fraction of the cell's neighbours with the predicted value, in [0, 1]."""
 
 
-def kernel_weights(distances: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
-    """``map``'s neighbour weights (rows sum to 1; 0 for missing neighbours)."""
-    dist = np.asarray(distances, dtype=np.float32)
+def kernel_weights(distances: npt.NDArray[np.floating]) -> npt.NDArray[np.floating]:
+    """``map``'s neighbour weights (rows sum to 1; 0 for missing neighbours).
+
+    float64 distances give float64 weights, anything else float32.
+    """
+    dist = np.asarray(distances)
+    dtype = np.float64 if dist.dtype == np.float64 else np.float32
+    dist = dist.astype(dtype, copy=False)
     valid = np.isfinite(dist)
-    d = np.where(valid, dist, np.float32(0.0))
-    count = np.maximum(valid.sum(axis=1, keepdims=True), 1).astype(np.float32)
+    zero, one = dtype(0.0), dtype(1.0)
+    d = np.where(valid, dist, zero)
+    count = np.maximum(valid.sum(axis=1, keepdims=True), 1).astype(dtype)
     scale = d.sum(axis=1, keepdims=True) / count
-    scale = np.where(scale > 0, scale, np.float32(1.0))
-    w = np.where(valid, np.exp(-(d**2) / (np.float32(2.0) * scale**2)), np.float32(0.0))
+    scale = np.where(scale > 0, scale, one)
+    w = np.where(valid, np.exp(-(d**2) / (dtype(2.0) * scale**2)), zero)
     total = w.sum(axis=1, keepdims=True)
-    return (w / np.where(total > 0, total, np.float32(1.0))).astype(np.float32)
+    return (w / np.where(total > 0, total, one)).astype(dtype, copy=False)
 
 
 def predict(
@@ -62,7 +72,7 @@ def predict(
         stop = min(start + _ROWS_PER_STEP, n)
         _predict_rows(
             np.asarray(neighbor_codes[start:stop], dtype=np.int64),
-            np.asarray(weights[start:stop], dtype=np.float32),
+            np.asarray(weights[start:stop]),
             n_classes,
             codes[start:stop],
             conf[start:stop],
@@ -73,7 +83,7 @@ def predict(
 
 def _predict_rows(
     nc: npt.NDArray[np.int64],
-    w: npt.NDArray[np.float32],
+    w: npt.NDArray[np.floating],
     n_classes: int,
     codes: npt.NDArray[np.int64],
     conf: npt.NDArray[np.float32],
@@ -85,7 +95,7 @@ def _predict_rows(
     rows = np.broadcast_to(np.arange(m)[:, None], (m, k))[valid]
     key = rows.astype(np.int64) * max(n_classes, 1) + nc[valid]
     uniq, inv = np.unique(key, return_inverse=True)
-    # summed in float64 and compared in float32, as map's predict_proba
+    # summed in float64 (in neighbour order) and compared in float32, as map always did
     wsum = np.bincount(inv, weights=w[valid].astype(np.float64)).astype(np.float32)
     votes = np.bincount(inv)
     urow, ucode = uniq // max(n_classes, 1), uniq % max(n_classes, 1)
