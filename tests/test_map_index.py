@@ -1,7 +1,7 @@
 """``map`` with the run's nearest-cell index (issue 15): label transfer over every embedded cell,
 as accurate as exact search (within 0.005 on the held-out mini-census datasets), the search used
 recorded in ``uns``; exact search when the index is stale, off or unusable (one log line says
-why)."""
+why); ``embed.index: true`` builds the index in ``run`` and ``embed``."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
-from _evalmap_fixtures import held_out_query, reference_run
+from _evalmap_fixtures import held_out_query, reference_run, tiny_config
+from census_scvi.cli import app
 from census_scvi.config import load_config
 from census_scvi.knn import index_status
 from census_scvi.mapping import run_map
@@ -159,3 +161,25 @@ def test_plan_falls_back_without_the_extra_or_when_switched_off(indexed, monkeyp
         plan = plan_search(indexed, use_index=True, nprobe=None)
     assert plan.kind == "exact" and "pip install 'census-scvi[search]'" in plan.reason
     assert any("not installed" in r.getMessage() for r in caplog.records)
+
+
+def test_embed_index_true_builds_the_index_in_run_and_embed(reference, mini_census, tmp_path):
+    from census_scvi.pipeline import run_pipeline
+
+    run = _copy_run(reference, tmp_path / "run")
+    assert index_status(run).problem == "missing"
+    res = run_pipeline(tiny_config(mini_census, "embed.index=true"), run_dir=run, to_stage="embed")
+    # embed.index is not part of embed's identity: the embedding is kept, the index built
+    assert [(s.stage, s.skipped) for s in res.stages][-2:] == [("embed", True), ("index", False)]
+    assert index_status(run).current and "IVF_FLAT over" in res.summary()
+    runner = CliRunner()
+    args = ["embed", "-c", str(run / "config.yaml"), "-o", str(run)]  # embed.index: true in it
+    out = runner.invoke(app, args)
+    assert out.exit_code == 0, out.output
+    assert "embed: up to date" in out.output and "index: already built" in out.output
+    shutil.rmtree(run / "index")
+    out = runner.invoke(app, args)
+    assert out.exit_code == 0, out.output
+    assert "index: built" in out.output and index_status(run).current
+    out = runner.invoke(app, [*args, "--set", "embed.index=false"])
+    assert out.exit_code == 0 and "index:" not in out.output

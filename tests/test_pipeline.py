@@ -147,3 +147,47 @@ def test_missing_model_error_names_the_fix(tmp_path):
     cfg = load_config(None, overrides=[f"census.uri={tmp_path / 'nowhere'}", "census.demo=null"])
     with pytest.raises(CensusScviError, match="no trained model"):
         run_pipeline(cfg, run_dir=Path(tmp_path), from_stage="embed", to_stage="embed")
+
+
+def test_embed_index_builds_the_index_after_a_complete_embed_only(monkeypatch, tmp_path):
+    import sys
+
+    import census_scvi.search
+
+    ran, indexed = [], []
+
+    class Done:
+        def __init__(self, stage: str, complete: bool = True) -> None:
+            self.stage, self.skipped, self.complete = stage, False, complete
+
+        def summary(self) -> str:
+            return f"{self.stage}: ran"
+
+    def fake_stage(stage, config, run_dir, force):
+        ran.append(stage)
+        return Done(stage)
+
+    def fake_index(config, *, run_dir):
+        indexed.append(Path(run_dir))
+        return Done("index")
+
+    monkeypatch.setattr(pipeline, "_run_stage", fake_stage)
+    monkeypatch.setattr(census_scvi.search, "run_index", fake_index)
+    on = load_config(None, overrides=["embed.index=true"])
+    res = run_pipeline(on, run_dir=tmp_path, to_stage="embed")
+    assert [s.stage for s in res.stages] == ["prepare", "train", "embed", "index"]
+    assert indexed == [tmp_path] and "index: ran" in res.summary()
+    # off (the default): no index; an incomplete embedding (one shard of several): no index
+    indexed.clear()
+    res = run_pipeline(load_config(None), run_dir=tmp_path, to_stage="embed")
+    assert [s.stage for s in res.stages] == ["prepare", "train", "embed"] and not indexed
+    assert pipeline.index_after_embed(on, tmp_path, Done("embed", complete=False)) is None
+    assert not indexed
+    # without the search extra, embed.index is refused before any stage runs
+    ran.clear()
+    monkeypatch.setitem(sys.modules, "tiledb.vector_search", None)
+    with pytest.raises(CensusScviError, match=r"pip install 'census-scvi\[search\]'"):
+        run_pipeline(on, run_dir=tmp_path, to_stage="embed")
+    assert ran == []
+    res = CliRunner().invoke(app, ["embed", "-o", str(tmp_path), "--set", "embed.index=true"])
+    assert res.exit_code == 2 and "census-scvi[search]" in res.output

@@ -473,3 +473,9 @@ def test_cli_index_and_neighbors(neighbors, indexed, tmp_path):
     assert res.exit_code == 2 and "--force" in res.output
     res = runner.invoke(app, [*args, "--columns", "cell_type", "--force"])
     assert res.exit_code == 0, res.output
+    # without -k: search.k
+    res = runner.invoke(
+        app, [*args[:-2], "--columns", "cell_type", "--set", "search.k=7", "--force"]
+    )
+    assert res.exit_code == 0, res.output
+    assert ad.read_h5ad(out).obsm[OBSM_JOINIDS].shape == (got.n_obs, 7)

@@ -246,10 +246,22 @@ def embed_cmd(
         bool, typer.Option("--merge", help="Check all shards are done; write outputs.")
     ] = False,
 ) -> None:
-    """Embed every selected cell with the trained model, in chunks, resumable."""
+    """Embed every selected cell with the trained model, in chunks, resumable.
+
+    With embed.index: true, then build the nearest-cell index (as 'census-scvi index').
+    """
 
     parsed = _guard(lambda: _parse_shard(shard))
-    _stage("embed", config, set_, run_dir, force=force, shard=parsed, merge=merge)
+
+    def go() -> Any:
+        from census_scvi.pipeline import run_embed_and_index
+
+        cfg = _load(config, set_)
+        return run_embed_and_index(
+            cfg, run_dir=_run_dir(cfg, run_dir), force=force, shard=parsed, merge=merge
+        )
+
+    _print_result(_guard(go))
 
 
 @app.command("evaluate")
@@ -363,10 +375,17 @@ def index_cmd(
     force: ForceOpt = False,
     partitions: Annotated[
         int | None,
-        typer.Option("--partitions", min=1, help="k-means partitions (default: sqrt(cells))."),
+        typer.Option(
+            "--partitions",
+            min=1,
+            help="k-means partitions (default: search.partitions; null: sqrt(cells)).",
+        ),
     ] = None,
 ) -> None:
-    """Build the nearest-cell index (TileDB-Vector-Search IVF_FLAT) over every embedded cell."""
+    """Build the nearest-cell index (TileDB-Vector-Search IVF_FLAT) over every embedded cell.
+
+    Settings: the config's search section (--set search.KEY=VALUE); --partitions wins.
+    """
 
     def go() -> Any:
         from census_scvi.search import run_index
@@ -383,14 +402,24 @@ def neighbors_cmd(
     run: Annotated[Path, typer.Option("--run", help="Run directory with an index.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output h5ad.")],
     k: Annotated[
-        int, typer.Option("-k", "--n-neighbors", min=1, help="Nearest embedded cells per cell.")
-    ] = 30,
+        int | None,
+        typer.Option(
+            "-k",
+            "--n-neighbors",
+            min=1,
+            help="Nearest embedded cells per cell [default: search.k, 30].",
+        ),
+    ] = None,
     columns: Annotated[
         str, typer.Option("--columns", help="Census obs columns to predict, comma-separated.")
     ] = "cell_type,tissue_general,disease",
     nprobe: Annotated[
         int | None,
-        typer.Option("--nprobe", min=1, help="Partitions searched (default: calibrated)."),
+        typer.Option(
+            "--nprobe",
+            min=1,
+            help="Partitions searched (default: search.nprobe; null: calibrated).",
+        ),
     ] = None,
     gene_ids: Annotated[
         str | None, typer.Option("--gene-ids", help="var column with Ensembl ids (default: index).")

@@ -6,6 +6,12 @@ the stages whose inputs changed: a new model changes embed's inputs, a new embed
 ``evaluate`` runs when its optional dependency (scib-metrics, the ``eval`` extra) is installed;
 otherwise ``run`` skips it with one line naming the install command.
 
+With ``embed.index: true``, ``run`` and ``census-scvi embed`` (:func:`run_embed_and_index`) build
+the nearest-cell index (``census-scvi index``, the ``search`` section's settings) right after a
+complete embedding: here rather than in ``embed/``, because a stage may not import another. The
+index is redone exactly when the embedding changed (its own manifest decides, as every stage's);
+TileDB-Vector-Search, the ``search`` extra, is checked before any stage runs.
+
 Examples
 --------
 >>> from census_scvi.config import load_config
@@ -42,7 +48,15 @@ from census_scvi.rundir import hold_lock, is_global_zero, write_run_config
 if TYPE_CHECKING:
     from census_scvi.config import Config
 
-__all__ = ["PipelineResult", "StageRun", "run_pipeline", "stage_range"]
+__all__ = [
+    "EmbedAndIndexResult",
+    "PipelineResult",
+    "StageRun",
+    "index_after_embed",
+    "run_embed_and_index",
+    "run_pipeline",
+    "stage_range",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +186,67 @@ def _run_stage(stage: str, config: Config, run_dir: Path, force: bool) -> Any:
     raise CensusScviError(msg)
 
 
+def _check_index_extra(config: Config) -> None:
+    """With ``embed.index: true``, refuse before any work when the ``search`` extra is missing."""
+    if config.embed.index:
+        from census_scvi.knn import vector_search
+
+        vector_search()
+
+
+def index_after_embed(
+    config: Config, run_dir: str | os.PathLike[str], embed_result: Any
+) -> Any | None:
+    """With ``embed.index: true``, build (or find current) the index once embed is complete.
+
+    Returns the ``IndexResult``, or None when the index is off, the embedding is not complete yet
+    (a shard of several) or this process is not rank 0.
+    """
+    if not config.embed.index or not getattr(embed_result, "complete", False):
+        return None
+    if not is_global_zero():
+        return None
+    from census_scvi.search import run_index
+
+    return run_index(config, run_dir=run_dir)
+
+
+@dataclass
+class EmbedAndIndexResult:
+    """``census-scvi embed`` with ``embed.index: true``: the embedding, then its index."""
+
+    embed: Any
+    index: Any
+
+    @property
+    def skipped(self) -> bool:
+        return bool(getattr(self.embed, "skipped", False) and getattr(self.index, "skipped", False))
+
+    def summary(self) -> str:
+        return f"{self.embed.summary()}\n{self.index.summary()}"
+
+
+def run_embed_and_index(
+    config: Config,
+    *,
+    run_dir: str | os.PathLike[str],
+    force: bool = False,
+    shard: tuple[int, int] | None = None,
+    merge: bool = False,
+) -> Any:
+    """``census-scvi embed``: ``run_embed``, then the index when ``embed.index`` is true.
+
+    Returns the ``EmbedResult`` alone when no index was built, else an
+    :class:`EmbedAndIndexResult`.
+    """
+    from census_scvi.embed import run_embed
+
+    _check_index_extra(config)
+    result = run_embed(config, run_dir=run_dir, force=force, shard=shard, merge=merge)
+    index = index_after_embed(config, run_dir, result)
+    return result if index is None else EmbedAndIndexResult(result, index)
+
+
 def run_pipeline(
     config: Config,
     *,
@@ -213,6 +288,8 @@ def run_pipeline(
         # a process Lightning's DDP launcher started re-runs this command: it joins training
         # (prepare is already done, so skipped) and stops; rank 0 goes on with embed/evaluate
         stages = stages[: stages.index("train") + 1]
+    if "embed" in stages and not worker:
+        _check_index_extra(config)
     run_dir = Path(run_dir)
     if not worker:
         write_run_config(run_dir, dump_config(config))
@@ -226,5 +303,10 @@ def run_pipeline(
             t = time.perf_counter()
             stage_result = _run_stage(stage, config, run_dir, force)
             result.stages.append(StageRun(stage, stage_result, time.perf_counter() - t))
+            if stage == "embed" and config.embed.index:
+                t = time.perf_counter()
+                index = index_after_embed(config, run_dir, stage_result)
+                if index is not None:
+                    result.stages.append(StageRun("index", index, time.perf_counter() - t))
     result.seconds = time.perf_counter() - t0
     return result
