@@ -407,7 +407,7 @@ def neighbors_cmd(
             "-k",
             "--n-neighbors",
             min=1,
-            help="Nearest embedded cells per cell [default: search.k, 30].",
+            help="Nearest embedded cells per cell (default: search.k, 30).",
         ),
     ] = None,
     columns: Annotated[
