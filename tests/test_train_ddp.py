@@ -1,4 +1,5 @@
-"""Lightning DDP with 2 CPU processes (gloo) in both data modes: disjoint data per rank, one model.
+"""Lightning DDP with 2 CPU processes (gloo) in both data modes and with both memory loaders:
+disjoint data per rank, one model.
 
 Lightning's DDP launcher starts rank 1 by re-running the command line of rank 0, so each case runs
 a small script in a subprocess (as a user's ``census-scvi train`` would), not inside pytest.
@@ -40,7 +41,7 @@ SCRIPT = textwrap.dedent(
         # what each rank trains on: soma_joinids per epoch
         def on_train_epoch_start(self, trainer, pl_module):
             self.ids = []
-            if mode == "memory":
+            if mode == "memory-scvi-tools":
                 dl = trainer.train_dataloader
                 rows = np.asarray(dl.indices)[np.concatenate([np.asarray(b) for b in dl.sampler])]
                 self.ids.append(trainer._model.adata.obs["soma_joinid"].to_numpy()[rows])
@@ -48,6 +49,9 @@ SCRIPT = textwrap.dedent(
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if mode == "stream":
                 self.ids.append(batch["soma_joinid"].cpu().numpy())
+            elif mode == "memory":  # the census-scvi loader names the h5ad rows
+                rows = batch["row"].cpu().numpy()
+                self.ids.append(trainer._model.adata.obs["soma_joinid"].to_numpy()[rows])
 
         def on_train_epoch_end(self, trainer, pl_module):
             name = f"rank{trainer.global_rank}-epoch{trainer.current_epoch}.npy"
@@ -57,7 +61,8 @@ SCRIPT = textwrap.dedent(
     cfg = load_config(None, overrides=[
         f"census.uri={uri}", "hvg.top_n_hvg=50", "model.n_hidden=16", "model.n_latent=4",
         "train.max_epochs=2", "train.batch_size=256", "train.accelerator=cpu",
-        "train.multi_gpu=true", "train.devices=2", f"train.mode={mode}",
+        "train.multi_gpu=true", "train.devices=2", f"train.mode={mode.split('-')[0]}",
+        f"train.memory_loader={'scvi-tools' if mode.endswith('scvi-tools') else 'census-scvi'}",
         "train.stream_io_batch_size=1024",
         # epoch 1 is not a multiple: rank 0's clock decides for both ranks whether to save
         "train.checkpoint_every_n_epochs=5",
@@ -77,7 +82,7 @@ def prepared(mini_census, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["memory", "stream"])
+@pytest.mark.parametrize("mode", ["memory", "stream", "memory-scvi-tools"])
 def test_ddp_two_cpu_processes(mode, prepared, mini_census, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(prepared / "prepare", run / "prepare")

@@ -1,9 +1,9 @@
 """Exact resume: killed with SIGKILL after a checkpoint, a rerun ends where an uninterrupted run ends.
 
 The checkpoint carries the random generators' states (``train/_rng.py``) and every epoch's data
-order follows from them (memory mode: scvi-tools' RandomSampler on torch's global generator) or
-from ``seed + epoch`` (stream mode), so the resumed weights, latent and losses equal the
-uninterrupted run's. The checkpoint is read as data only: a tampered one is refused. Also here:
+order follows from them (``train.memory_loader: scvi-tools``: its RandomSampler on torch's global
+generator) or from ``seed + epoch`` (stream mode and memory mode's census-scvi loader), so the
+resumed weights, latent and losses equal the uninterrupted run's. The checkpoint is read as data only: a tampered one is refused. Also here:
 the DataLoader worker settings, and torch's distribution checks being off while training only.
 """
 
@@ -148,14 +148,21 @@ def _train_in_child(run: Path, overrides: list[str]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("mode", "workers"),
-    [("memory", 0), ("stream", 0), ("memory", 1)],  # 1: a persistent DataLoader worker
-    ids=["memory", "stream", "memory-worker"],
+    ("mode", "workers", "loader"),
+    [
+        ("memory", 0, "census-scvi"),
+        ("stream", 0, "census-scvi"),
+        ("memory", 0, "scvi-tools"),
+        ("memory", 1, "scvi-tools"),  # 1: a persistent DataLoader worker
+    ],
+    ids=["memory", "stream", "memory-scvi-tools", "memory-scvi-tools-worker"],
 )
 def test_resume_after_sigkill_equals_uninterrupted_run(
-    mode, workers, prepared, mini_census, tmp_path
+    mode, workers, loader, prepared, mini_census, tmp_path
 ):
-    overrides = _overrides(mini_census, mode, f"train.num_workers={workers}")
+    overrides = _overrides(
+        mini_census, mode, f"train.num_workers={workers}", f"train.memory_loader={loader}"
+    )
     full = _run_dir(prepared, tmp_path, "full")
     # trainings run in fresh child processes: forking a DataLoader worker from this test
     # process (grown by the whole suite) fails with ENOMEM under the kernel's overcommit check
@@ -308,17 +315,32 @@ def test_run_train_caps_workers_and_checks_distributions_off_while_training(
     prepared, mini_census, tmp_path, record_train_kwargs, monkeypatch, caplog
 ):
     from census_scvi.train import _devices
+    from census_scvi.train._datamodule import MemoryDataModule
 
     monkeypatch.setattr(_devices, "_available_cores", lambda: 1)
-    cfg = load_config(None, overrides=_overrides(mini_census, "memory", "train.num_workers=4"))
+    scvi_loader = "train.memory_loader=scvi-tools"
+    cfg = load_config(
+        None, overrides=_overrides(mini_census, "memory", "train.num_workers=4", scvi_loader)
+    )
     before = torch.distributions.Distribution._validate_args
     with caplog.at_level(logging.INFO, logger="census_scvi"), pytest.raises(RuntimeError):
         run_train(cfg, run_dir=_run_dir(prepared, tmp_path, "run"))
     splitter = record_train_kwargs["datasplitter_kwargs"]
     assert splitter["num_workers"] == 1 and splitter["persistent_workers"] is True
+    assert "datamodule" not in record_train_kwargs
     assert "train.num_workers=4 capped at 1" in caplog.text
     assert record_train_kwargs["validate_args"] is False  # off while training ...
     assert torch.distributions.Distribution._validate_args is before  # ... restored after
+    # the census-scvi memory loader (the default): a data module, no worker processes
+    record_train_kwargs.clear()
+    caplog.clear()
+    cfg = load_config(None, overrides=_overrides(mini_census, "memory", "train.num_workers=4"))
+    with caplog.at_level(logging.INFO, logger="census_scvi"), pytest.raises(RuntimeError):
+        run_train(cfg, run_dir=_run_dir(prepared, tmp_path, "run2"))
+    dm = record_train_kwargs["datamodule"]
+    assert isinstance(dm, MemoryDataModule) and "datasplitter_kwargs" not in record_train_kwargs
+    assert dm.train_dataloader().num_workers == 0
+    assert "train.num_workers=1 not used" in caplog.text
 
 
 def test_distribution_checks_off_restores_on_error():

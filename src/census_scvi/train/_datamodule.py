@@ -1,27 +1,41 @@
-"""Stream training data straight from a SOMA experiment (``train.mode: stream``).
+"""Shuffled-chunk mini-batches for scVI, streamed from SOMA or cut from the in-memory CSR.
 
-:class:`SomaStreamDataModule` is a Lightning data module that feeds scVI shuffled mini-batches
-of ``X[cells, genes]`` read from a TileDB-SOMA experiment (shuffle chunks, I/O batches, read-ahead
-in a thread; :mod:`census_scvi.train._soma_reader` reads), so no h5ad of the census is ever
-written and memory is bounded by ``io_batch_size``, not by the number of cells.
+One design, two readers. :class:`StreamDataset` cuts a rank's cells into runs of
+``shuffle_chunk_size``, shuffles the runs with ``seed + epoch``, groups them into I/O batches,
+has a reader turn the next I/O batch into CSR in a read-ahead thread while the current one is
+cut into shuffled mini-batches (:mod:`._read_ahead`), and writes each mini-batch dense in one
+numba pass (:func:`~._csr_reader.dense_rows`). The reader is what differs:
 
-Why not scvi-tools' ``TileDBDataModule``: it reads the obs table of the whole query up front to
-derive batch labels, its default ``io_batch_size`` makes the first I/O batch the whole query, its
-registry names genes by ``soma_joinid`` (so a streamed model would not load onto the prepared
-AnnData), and with tiledbsoma-ml 0.1 every epoch repeats the same order. Why not tiledbsoma-ml's
-``ExperimentDataset`` underneath (the first version of this module used it): its reads were the
-bottleneck, 2,400 cells/s of training against 6,500 in memory (``docs/benchmarks.md``). Here the
-batch label of each cell comes from ``prepare/cells.parquet`` (held in memory: two numbers per
-cell), the train/validation split is the one scvi-tools' ``DataSplitter`` makes for the same rows
-and seed, each epoch is shuffled with ``seed + epoch``, and each DDP rank reads its own disjoint
-slice (each DataLoader worker a contiguous part of it).
+* :class:`SomaStreamDataModule` (``train.mode: stream``) reads ``X[cells, genes]`` from a
+  TileDB-SOMA experiment (:class:`~._soma_reader.IOBatchReader`), so no h5ad of the census is
+  ever written and memory is bounded by ``io_batch_size``, not by the number of cells;
+* :class:`MemoryDataModule` (``train.mode: memory``, ``train.memory_loader: census-scvi``)
+  gathers rows of the prepared h5ad's X, held once as float32 CSR
+  (:class:`~._csr_reader.CsrRowReader`), in place of scvi-tools' ``AnnDataLoader``, which
+  indexes the AnnData per mini-batch on the training thread (~5,100 cells/s at the census-like
+  shape, below what scVI trains at).
+
+Both split train/validation exactly as scvi-tools' ``DataSplitter`` does for the same rows and
+seed (:func:`split_rows`), shuffle each epoch with ``seed + epoch`` (so a resumed run sees the
+uninterrupted run's batches), and give each DDP rank its own disjoint slice.
+
+Why not scvi-tools' ``TileDBDataModule`` for stream mode: it reads the obs table of the whole
+query up front to derive batch labels, its default ``io_batch_size`` makes the first I/O batch
+the whole query, its registry names genes by ``soma_joinid`` (so a streamed model would not load
+onto the prepared AnnData), and with tiledbsoma-ml 0.1 every epoch repeats the same order. Why
+not tiledbsoma-ml's ``ExperimentDataset`` underneath (the first version of this module used it):
+its reads were the bottleneck, 2,400 cells/s of training against 6,500 in memory
+(``docs/benchmarks.md``). Here the batch label of each cell comes from ``prepare/cells.parquet``
+(held in memory: two numbers per cell), and each DataLoader worker reads a contiguous part of
+its rank's slice.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -30,12 +44,21 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from census_scvi.train._soma_reader import IOBatchReader, release_free_memory
+from census_scvi.train._csr_reader import CsrRowReader, as_float32_csr, dense_rows, gather_rows
+from census_scvi.train._read_ahead import release_free_memory
+from census_scvi.train._soma_reader import IOBatchReader
 
-# this private module is imported only when stream mode trains, so torch/lightning at import
-# time are fine; the dataset and loader classes must be module-level to pickle into workers
+# this private module is imported only when training through these modules, so torch/lightning
+# at import time are fine; the dataset and loader classes must be module-level to pickle into
+# workers
 
-__all__ = ["EpochDataLoader", "SomaStreamDataModule", "StreamDataset", "split_rows"]
+__all__ = [
+    "EpochDataLoader",
+    "MemoryDataModule",
+    "SomaStreamDataModule",
+    "StreamDataset",
+    "split_rows",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +66,9 @@ logger = logging.getLogger(__name__)
 _X_KEY = "X"
 _BATCH_KEY = "batch"
 _LABELS_KEY = "labels"
+# the cells of a mini-batch: soma_joinid (stream mode) or the prepared h5ad's row (memory mode)
 SOMA_JOINID_KEY = "soma_joinid"
+ROW_KEY = "row"
 
 
 def split_rows(
@@ -64,7 +89,8 @@ def split_rows(
 
     Returns
     -------
-    ``(train_rows, validation_rows)``, positions into the cell table.
+    ``(train_rows, validation_rows)``, positions into the cell table, in ``DataSplitter``'s
+    order (its ``train_idx``, ``val_idx``).
     """
     from scvi.dataloaders._data_splitting import validate_data_split
 
@@ -81,23 +107,43 @@ def _rank_slice(ids: npt.NDArray[np.int64], rank: int, world_size: int) -> npt.N
     return ids[rank * per_rank : (rank + 1) * per_rank]
 
 
+class RowReader(Protocol):
+    """What :class:`StreamDataset` needs of a reader: CSR per I/O batch, read ahead; close."""
+
+    def prefetched(
+        self, batches: Iterable[npt.NDArray[np.int64]]
+    ) -> Iterator[tuple[npt.NDArray[np.int64], sp.csr_matrix]]: ...
+
+    def close(self) -> None: ...
+
+
 class StreamDataset(IterableDataset):  # type: ignore[type-arg]
     """scVI tensor dicts over one rank's cells, shuffled with ``seed + epoch``.
 
-    Each epoch splits the cells (sorted by ``soma_joinid``) into runs of ``shuffle_chunk_size``,
-    shuffles the runs, and reads ``io_batch_size`` cells (a group of runs) per SOMA read while the
+    Each epoch splits the cells (sorted) into runs of ``shuffle_chunk_size``, shuffles the runs,
+    and has the reader read ``io_batch_size`` cells (a group of runs) at a time while the
     previous I/O batch is cut into shuffled mini-batches; a mini-batch that straddles two I/O
     batches takes cells from both, so every mini-batch but a worker's last has ``batch_size``
     cells.
+
+    Parameters
+    ----------
+    open_reader
+        Makes this pass's :class:`RowReader` (picklable: DataLoader workers call it too).
+    cell_ids
+        The cells, as the reader names them (``soma_joinid``, or h5ad row positions).
+    sorted_ids, sorted_codes
+        Every cell id, ascending, and its batch code (the model registry's integer).
+    id_key
+        The mini-batch key that carries the cell ids.
     """
 
     def __init__(
         self,
         *,
-        x_locator: Any,
-        obs_joinids: npt.NDArray[np.int64],
-        var_joinids: npt.NDArray[np.int64],
-        sorted_joinids: npt.NDArray[np.int64],
+        open_reader: Callable[[], RowReader],
+        cell_ids: npt.NDArray[np.int64],
+        sorted_ids: npt.NDArray[np.int64],
         sorted_codes: npt.NDArray[np.int32],
         batch_size: int,
         io_batch_size: int,
@@ -106,12 +152,12 @@ class StreamDataset(IterableDataset):  # type: ignore[type-arg]
         seed: int,
         drop_singletons: bool,
         n_workers: int,
+        id_key: str = SOMA_JOINID_KEY,
     ) -> None:
         super().__init__()
-        self.x_locator = x_locator
-        self.obs_joinids = np.sort(np.asarray(obs_joinids, dtype=np.int64))
-        self.var_joinids = np.asarray(var_joinids, dtype=np.int64)
-        self.sorted_joinids = sorted_joinids
+        self.open_reader = open_reader
+        self.cell_ids = np.sort(np.asarray(cell_ids, dtype=np.int64))
+        self.sorted_ids = sorted_ids
         self.sorted_codes = sorted_codes
         self.batch_size = batch_size
         self.io_batch_size = io_batch_size
@@ -120,18 +166,19 @@ class StreamDataset(IterableDataset):  # type: ignore[type-arg]
         self.seed = seed
         self.drop_singletons = drop_singletons
         self.n_workers = max(1, n_workers)
+        self.id_key = id_key
         self.epoch = 0
 
-    def _worker_joinids(self) -> npt.NDArray[np.int64]:
+    def _worker_ids(self) -> npt.NDArray[np.int64]:
         info = get_worker_info()
         if info is None:
-            return self.obs_joinids
-        return np.array_split(self.obs_joinids, info.num_workers)[info.id]
+            return self.cell_ids
+        return np.array_split(self.cell_ids, info.num_workers)[info.id]
 
     def __len__(self) -> int:
         # the cells are split contiguously among DataLoader workers (np.array_split)
         total = 0
-        for part in np.array_split(np.arange(len(self.obs_joinids)), self.n_workers):
+        for part in np.array_split(np.arange(len(self.cell_ids)), self.n_workers):
             full, rem = divmod(len(part), self.batch_size)
             if self.drop_singletons and rem == 1:
                 rem = 0
@@ -158,14 +205,14 @@ class StreamDataset(IterableDataset):  # type: ignore[type-arg]
         # a persistent DataLoader worker keeps its copy of this dataset between epochs and
         # counts epochs itself; without workers the loader sets ``epoch`` before each pass
         self.epoch += 1
-        ids = self._worker_joinids()
+        ids = self._worker_ids()
         if len(ids) == 0:
             return
         # A pass opens its own reader and closes it before yielding its last mini-batch:
         # Lightning stops asking after len(loader) batches and leaves the generator suspended
         # until the next epoch, so anything held past the last yield (reader, I/O batches)
         # stayed alive through the next pass; peak RSS grew with the cells per pass.
-        reader = IOBatchReader(self.x_locator, self.var_joinids)
+        reader = self.open_reader()
         last: dict[str, torch.Tensor] | None = None
         try:
             for batch in self._pass(reader, ids, np.random.default_rng(self.seed + epoch)):
@@ -179,9 +226,10 @@ class StreamDataset(IterableDataset):  # type: ignore[type-arg]
             yield last
 
     def _pass(
-        self, reader: IOBatchReader, ids: npt.NDArray[np.int64], rng: np.random.Generator
+        self, reader: RowReader, ids: npt.NDArray[np.int64], rng: np.random.Generator
     ) -> Iterator[dict[str, torch.Tensor]]:
-        pending_x: list[Any] = []
+        # the cells of an unfinished mini-batch: (CSR, its rows) parts and their ids
+        pending: list[tuple[sp.csr_matrix, npt.NDArray[np.int64]]] = []
         pending_ids: list[npt.NDArray[np.int64]] = []
         n_pending = 0
         for io_ids, x in reader.prefetched(self.io_batches(ids, rng)):
@@ -189,32 +237,43 @@ class StreamDataset(IterableDataset):  # type: ignore[type-arg]
             start = 0
             if n_pending:  # finish the mini-batch left over from the previous I/O batch
                 take = order[: self.batch_size - n_pending]
-                pending_x.append(x[take])
+                pending.append((x, take))
                 pending_ids.append(io_ids[take])
                 n_pending += len(take)
                 start = len(take)
                 if n_pending < self.batch_size:
+                    pending[-1] = _own_rows(x, take)
                     continue
-                yield self._batch(sp.vstack(pending_x, format="csr"), np.concatenate(pending_ids))
-                pending_x, pending_ids, n_pending = [], [], 0
+                yield self._batch(pending, np.concatenate(pending_ids))
+                pending, pending_ids, n_pending = [], [], 0
             for s in range(start, len(order), self.batch_size):
                 sel = order[s : s + self.batch_size]
                 if len(sel) < self.batch_size:
-                    pending_x, pending_ids, n_pending = [x[sel]], [io_ids[sel]], len(sel)
+                    # a copy of its rows: the I/O batch itself is freed before the next is used
+                    pending, pending_ids, n_pending = [_own_rows(x, sel)], [io_ids[sel]], len(sel)
                     break
-                yield self._batch(x[sel], io_ids[sel])
+                yield self._batch([(x, sel)], io_ids[sel])
         if n_pending and not (self.drop_singletons and n_pending < 2):
             # BatchNorm cannot train on one cell; scvi-tools avoids such batches too
-            yield self._batch(sp.vstack(pending_x, format="csr"), np.concatenate(pending_ids))
+            yield self._batch(pending, np.concatenate(pending_ids))
 
-    def _batch(self, x: Any, ids: npt.NDArray[np.int64]) -> dict[str, torch.Tensor]:
-        codes = self.sorted_codes[np.searchsorted(self.sorted_joinids, ids)]
+    def _batch(
+        self, parts: list[tuple[sp.csr_matrix, npt.NDArray[np.int64]]], ids: npt.NDArray[np.int64]
+    ) -> dict[str, torch.Tensor]:
+        codes = self.sorted_codes[np.searchsorted(self.sorted_ids, ids)]
         return {
-            _X_KEY: torch.from_numpy(x.toarray()),
+            _X_KEY: torch.from_numpy(dense_rows(parts, parts[0][0].shape[1])),
             _BATCH_KEY: torch.from_numpy(codes.astype(np.int64))[:, None],
             _LABELS_KEY: torch.zeros((len(ids), 1), dtype=torch.int64),
-            SOMA_JOINID_KEY: torch.from_numpy(ids),
+            self.id_key: torch.from_numpy(ids),
         }
+
+
+def _own_rows(
+    x: sp.csr_matrix, rows: npt.NDArray[np.int64]
+) -> tuple[sp.csr_matrix, npt.NDArray[np.int64]]:
+    """``(x[rows], all of its rows)``: a part that no longer holds on to ``x``."""
+    return gather_rows(x, rows.astype(np.int64, copy=False)), np.arange(len(rows), dtype=np.int64)
 
 
 class EpochDataLoader(DataLoader):  # type: ignore[type-arg]
@@ -232,7 +291,147 @@ class EpochDataLoader(DataLoader):  # type: ignore[type-arg]
         return super().__iter__()
 
 
-class SomaStreamDataModule(LightningDataModule):
+class _ChunkedDataModule(LightningDataModule):
+    """What both data modules share: the split, ranks, the epoch, the loaders (see subclasses).
+
+    ``ids`` names each cell as the reader does, in the order of the cell table the split is
+    made over (``prepare/cells.parquet``, which is also the h5ad's row order).
+    """
+
+    _kind = "chunked"
+    _id_key = SOMA_JOINID_KEY
+
+    def __init__(
+        self,
+        *,
+        ids: npt.NDArray[np.int64],
+        batch_codes: npt.ArrayLike,
+        n_vars: int,
+        n_batch: int,
+        train_size: float,
+        batch_size: int,
+        seed: int,
+        io_batch_size: int,
+        shuffle_chunk_size: int,
+        num_workers: int,
+    ) -> None:
+        super().__init__()
+        codes = np.asarray(batch_codes, dtype=np.int32).reshape(-1)
+        if ids.shape != codes.shape:
+            msg = f"cells ({ids.shape}) and batch_codes ({codes.shape}) differ in length"
+            raise ValueError(msg)
+        if io_batch_size % shuffle_chunk_size:
+            msg = f"{io_batch_size=} is not a multiple of {shuffle_chunk_size=}"
+            raise ValueError(msg)
+        self._ids = ids
+        order = np.argsort(ids, kind="stable")
+        self._sorted_ids = ids[order]
+        self._sorted_codes = codes[order]
+        self._n_vars = int(n_vars)
+        self.n_batch = int(n_batch)
+        self.train_size = float(train_size)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.io_batch_size = int(io_batch_size)
+        self.shuffle_chunk_size = int(shuffle_chunk_size)
+        self.num_workers = int(num_workers)
+        train_rows, val_rows = split_rows(
+            len(ids), train_size=self.train_size, batch_size=self.batch_size, seed=self.seed
+        )
+        self._train_rows, self._val_rows = train_rows, val_rows
+        # sorted ids read with better locality; the shuffle happens per epoch
+        self.train_ids = np.sort(ids[train_rows])
+        self.val_ids = np.sort(ids[val_rows])
+        self.rank = 0
+        self.world_size = 1
+
+    # scvi-tools reads these
+    @property
+    def n_obs(self) -> int:
+        return len(self._ids)
+
+    @property
+    def n_vars(self) -> int:
+        return self._n_vars
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_ids)
+
+    @property
+    def n_val(self) -> int:
+        return len(self.val_ids)
+
+    def setup(self, stage: str | None = None) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            self.rank, self.world_size = int(trainer.global_rank), int(trainer.world_size)
+        logger.info(
+            "%s data: rank %d/%d, %d training and %d validation cells x %d genes",
+            self._kind,
+            self.rank,
+            self.world_size,
+            self.n_train,
+            self.n_val,
+            self.n_vars,
+        )
+
+    def _epoch(self) -> int:
+        """The epoch of the next training pass: the one Lightning gives samplers (``set_epoch``).
+
+        Not ``trainer.current_epoch``: resuming from a checkpoint taken at an epoch end,
+        Lightning makes the first iterator before it moves ``current_epoch`` on, which then still
+        names the epoch before (the resumed run shuffled like the previous epoch).
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_progress.current.processed)
+
+    def _open_reader(self) -> Callable[[], RowReader]:
+        raise NotImplementedError
+
+    def _loader(self, ids: npt.NDArray[np.int64], *, train: bool) -> Any:
+        dataset = StreamDataset(
+            open_reader=self._open_reader(),
+            cell_ids=_rank_slice(ids, self.rank, self.world_size),
+            sorted_ids=self._sorted_ids,
+            sorted_codes=self._sorted_codes,
+            batch_size=self.batch_size,
+            io_batch_size=self.io_batch_size,
+            shuffle_chunk_size=self.shuffle_chunk_size,
+            shuffle=train,
+            seed=self.seed,
+            drop_singletons=train,
+            n_workers=self.num_workers,
+            id_key=self._id_key,
+        )
+        kwargs: dict[str, Any] = {"num_workers": self.num_workers}
+        if self.num_workers > 0:
+            # TileDB contexts do not survive fork (tiledbsoma-ml uses spawn for the same
+            # reason), and forking a large training process failed with ENOMEM
+            kwargs["multiprocessing_context"] = "spawn"
+            # spawned workers import torch and compile tiledbsoma-ml's numba kernels: once
+            kwargs["persistent_workers"] = True
+            # the iterator's base seed from the loader's own generator, not torch's global one:
+            # a persistent loader makes its iterator once per fit, so a resumed fit would draw
+            # one number more from the global generator than the uninterrupted one did
+            kwargs["generator"] = torch.Generator()
+        return EpochDataLoader(dataset, self._epoch, **kwargs)
+
+    def train_dataloader(self) -> Any:
+        return self._loader(self.train_ids, train=True)
+
+    def val_dataloader(self) -> Any:
+        if len(self.val_ids) == 0:
+            return []
+        return self._loader(self.val_ids, train=False)
+
+    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class SomaStreamDataModule(_ChunkedDataModule):
     """Lightning data module streaming ``X[cells, genes]`` from a SOMA experiment for scVI.
 
     Parameters
@@ -272,6 +471,9 @@ class SomaStreamDataModule(LightningDataModule):
     >>> model.train(datamodule=dm, max_epochs=10)  # doctest: +SKIP
     """
 
+    _kind = "stream"
+    _id_key = SOMA_JOINID_KEY
+
     def __init__(
         self,
         experiment_uri: str,
@@ -290,127 +492,115 @@ class SomaStreamDataModule(LightningDataModule):
         layer_name: str = "raw",
         tiledb_config: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__()
-        obs = np.asarray(obs_joinids, dtype=np.int64)
-        codes = np.asarray(batch_codes, dtype=np.int32)
-        if obs.shape != codes.shape:
-            msg = f"obs_joinids ({obs.shape}) and batch_codes ({codes.shape}) differ in length"
-            raise ValueError(msg)
-        if io_batch_size % shuffle_chunk_size:
-            msg = f"{io_batch_size=} is not a multiple of {shuffle_chunk_size=}"
-            raise ValueError(msg)
-        self.experiment_uri = experiment_uri
-        self.obs_joinids = obs
         self.var_joinids = np.asarray(var_joinids, dtype=np.int64)
-        order = np.argsort(obs, kind="stable")
-        self._sorted_joinids = obs[order]
-        self._sorted_codes = codes[order]
-        self.n_batch = int(n_batch)
-        self.train_size = float(train_size)
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        self.io_batch_size = int(io_batch_size)
-        self.shuffle_chunk_size = int(shuffle_chunk_size)
-        self.num_workers = int(num_workers)
+        super().__init__(
+            ids=np.asarray(obs_joinids, dtype=np.int64),
+            batch_codes=batch_codes,
+            n_vars=len(self.var_joinids),
+            n_batch=n_batch,
+            train_size=train_size,
+            batch_size=batch_size,
+            seed=seed,
+            io_batch_size=io_batch_size,
+            shuffle_chunk_size=shuffle_chunk_size,
+            num_workers=num_workers,
+        )
+        self.experiment_uri = experiment_uri
         self.measurement_name = measurement_name
         self.layer_name = layer_name
         self.tiledb_config = dict(tiledb_config or {})
-        train_rows, val_rows = split_rows(
-            len(obs), train_size=self.train_size, batch_size=self.batch_size, seed=self.seed
-        )
-        # sorted joinids read with better locality; the shuffle happens per epoch
-        self.train_joinids = np.sort(obs[train_rows])
-        self.val_joinids = np.sort(obs[val_rows])
-        self.rank = 0
-        self.world_size = 1
         self._x_locator: Any = None
 
-    # scvi-tools reads these
     @property
-    def n_obs(self) -> int:
-        return len(self.obs_joinids)
+    def obs_joinids(self) -> npt.NDArray[np.int64]:
+        return self._ids
 
     @property
-    def n_vars(self) -> int:
-        return len(self.var_joinids)
+    def train_joinids(self) -> npt.NDArray[np.int64]:
+        return self.train_ids
 
     @property
-    def n_train(self) -> int:
-        return len(self.train_joinids)
-
-    @property
-    def n_val(self) -> int:
-        return len(self.val_joinids)
+    def val_joinids(self) -> npt.NDArray[np.int64]:
+        return self.val_ids
 
     def setup(self, stage: str | None = None) -> None:
         import tiledbsoma as soma
         from tiledbsoma_ml.x_locator import XLocator
 
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            self.rank, self.world_size = int(trainer.global_rank), int(trainer.world_size)
         ctx = soma.SOMATileDBContext(tiledb_config=self.tiledb_config)
         with soma.Experiment.open(self.experiment_uri, context=ctx) as exp:
             self._x_locator = XLocator.create(
                 exp, measurement_name=self.measurement_name, layer_name=self.layer_name
             )
-        logger.info(
-            "stream data: rank %d/%d, %d training and %d validation cells x %d genes",
-            self.rank,
-            self.world_size,
-            len(self.train_joinids),
-            len(self.val_joinids),
-            self.n_vars,
-        )
+        super().setup(stage)
 
-    def _epoch(self) -> int:
-        """The epoch of the next training pass: the one Lightning gives samplers (``set_epoch``).
-
-        Not ``trainer.current_epoch``: resuming from a checkpoint taken at an epoch end,
-        Lightning makes the first iterator before it moves ``current_epoch`` on, which then still
-        names the epoch before (the resumed run shuffled like the previous epoch).
-        """
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0
-        return int(trainer.fit_loop.epoch_progress.current.processed)
-
-    def _loader(self, ids: npt.NDArray[np.int64], *, train: bool) -> Any:
+    def _open_reader(self) -> Callable[[], RowReader]:
         if self._x_locator is None:
             self.setup()
-        dataset = StreamDataset(
-            x_locator=self._x_locator,
-            obs_joinids=_rank_slice(ids, self.rank, self.world_size),
-            var_joinids=self.var_joinids,
-            sorted_joinids=self._sorted_joinids,
-            sorted_codes=self._sorted_codes,
-            batch_size=self.batch_size,
-            io_batch_size=self.io_batch_size,
-            shuffle_chunk_size=self.shuffle_chunk_size,
-            shuffle=train,
-            seed=self.seed,
-            drop_singletons=train,
-            n_workers=self.num_workers,
+        # a picklable recipe: each pass (and each DataLoader worker) opens its own handle
+        return functools.partial(IOBatchReader, self._x_locator, self.var_joinids)
+
+
+class MemoryDataModule(_ChunkedDataModule):
+    """Lightning data module cutting scVI mini-batches from an in-memory CSR matrix.
+
+    The memory-mode loader (``train.memory_loader: census-scvi``): the same shuffled chunks,
+    I/O batches, read-ahead thread and mini-batches as :class:`SomaStreamDataModule`, over the
+    rows of ``x`` (the prepared h5ad's X) instead of SOMA reads. No DataLoader worker
+    processes: spawned ones would each need their own copy of ``x``, and the row gather is a
+    ``nogil`` numba kernel, so one read-ahead thread overlaps it with training.
+
+    Parameters
+    ----------
+    x
+        Cells x model genes, the AnnData the model is set up on's X (float32 CSR: shared, not
+        copied; :func:`~._csr_reader.as_float32_csr`).
+    batch_codes
+        Integer batch category of each row, as the model's registry maps them.
+    n_batch
+        Number of batch categories.
+    train_size, batch_size, seed, io_batch_size, shuffle_chunk_size
+        As for :class:`SomaStreamDataModule`; the split equals scvi-tools' ``DataSplitter``'s
+        (``train_idx``, ``val_idx``, as scvi-tools then records them on the model).
+
+    Examples
+    --------
+    >>> dm = MemoryDataModule(adata.X, batch_codes=codes, n_batch=12, batch_size=1024)
+    >>> model.train(datamodule=dm, max_epochs=10)  # doctest: +SKIP
+    """
+
+    _kind = "memory"
+    _id_key = ROW_KEY
+
+    def __init__(
+        self,
+        x: Any,
+        *,
+        batch_codes: npt.ArrayLike,
+        n_batch: int,
+        train_size: float = 0.9,
+        batch_size: int = 128,
+        seed: int = 0,
+        io_batch_size: int = 16_384,
+        shuffle_chunk_size: int = 256,
+    ) -> None:
+        self.x = as_float32_csr(x)
+        super().__init__(
+            ids=np.arange(self.x.shape[0], dtype=np.int64),
+            batch_codes=batch_codes,
+            n_vars=self.x.shape[1],
+            n_batch=n_batch,
+            train_size=train_size,
+            batch_size=batch_size,
+            seed=seed,
+            io_batch_size=io_batch_size,
+            shuffle_chunk_size=shuffle_chunk_size,
+            num_workers=0,
         )
-        kwargs: dict[str, Any] = {"num_workers": self.num_workers}
-        if self.num_workers > 0:
-            # TileDB contexts do not survive fork (tiledbsoma-ml uses spawn for the same reason)
-            kwargs["multiprocessing_context"] = "spawn"
-            # spawned workers import torch and compile tiledbsoma-ml's numba kernels: once
-            kwargs["persistent_workers"] = True
-            # the iterator's base seed from the loader's own generator, not torch's global one:
-            # a persistent loader makes its iterator once per fit, so a resumed fit would draw
-            # one number more from the global generator than the uninterrupted one did
-            kwargs["generator"] = torch.Generator()
-        return EpochDataLoader(dataset, self._epoch, **kwargs)
+        # what scvi-tools' TrainRunner copies onto the model (model.train_indices, ...)
+        self.train_idx = self._train_rows
+        self.val_idx = self._val_rows
+        self.test_idx = np.array([], dtype=np.int64)
 
-    def train_dataloader(self) -> Any:
-        return self._loader(self.train_joinids, train=True)
-
-    def val_dataloader(self) -> Any:
-        if len(self.val_joinids) == 0:
-            return []
-        return self._loader(self.val_joinids, train=False)
-
-    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    def _open_reader(self) -> Callable[[], RowReader]:
+        return functools.partial(CsrRowReader, self.x)

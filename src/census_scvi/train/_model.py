@@ -1,14 +1,19 @@
 """Config -> scvi-tools: the ``SCVI`` arguments, the plan arguments, the model and its data.
 
 In memory mode the model is set up on the prepared AnnData, as a user of scvi-tools would, and
-its loaders are scvi's (:func:`memory_loader_kwargs`). In stream mode it is set up on a few-row
-AnnData that carries the same registry (genes, batch categories) and its cells come from
-:class:`~census_scvi.train._datamodule.SomaStreamDataModule`.
+its cells come from :class:`~census_scvi.train._datamodule.MemoryDataModule` over that AnnData's
+X (``train.memory_loader: census-scvi``: shuffled chunks, read-ahead thread, the stream design)
+or from scvi-tools' own ``DataSplitter`` (``scvi-tools``, :func:`memory_loader_kwargs`). In
+stream mode it is set up on a few-row AnnData that carries the same registry (genes, batch
+categories) and its cells come from
+:class:`~census_scvi.train._datamodule.SomaStreamDataModule`. Either way the model is a plain
+``scvi.model.SCVI`` with the same registry and save format.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -31,6 +36,8 @@ __all__ = [
     "scvi_model_kwargs",
     "scvi_plan_kwargs",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def scvi_model_kwargs(model: ModelConfig) -> dict[str, Any]:
@@ -139,12 +146,20 @@ def distribution_checks_off() -> Iterator[None]:
 def build_model(
     config: Config, inputs: TrainInputs, *, num_workers: int = 0
 ) -> tuple[Any, Any, int]:
-    """``(model, datamodule or None, n_cells)``: the SCVI model and, in stream mode, its data.
+    """``(model, datamodule or None, n_cells)``: the SCVI model and the data module it trains on.
 
-    ``num_workers`` is the stream data module's DataLoader workers (memory mode's are given to
-    ``model.train``, :func:`memory_loader_kwargs`).
+    The data module is None for ``train.memory_loader: scvi-tools`` (``model.train`` makes its
+    ``DataSplitter``). ``num_workers`` is the stream data module's DataLoader workers (with
+    scvi-tools' loader they are given to ``model.train``, :func:`memory_loader_kwargs`; the
+    census-scvi memory loader uses none).
     """
     if inputs.mode == "memory":
+        if num_workers and config.train.memory_loader == "census-scvi":
+            logger.info(
+                "train.num_workers=%d not used: memory mode's census-scvi loader reads ahead in "
+                "a thread (train.memory_loader: scvi-tools uses workers)",
+                num_workers,
+            )
         built = _memory_model(config, inputs)
     else:
         built = _stream_model(config, inputs, num_workers=num_workers)
@@ -157,7 +172,7 @@ def build_model(
     return built
 
 
-def _memory_model(config: Config, inputs: TrainInputs) -> tuple[Any, None, int]:
+def _memory_model(config: Config, inputs: TrainInputs) -> tuple[Any, Any, int]:
     import anndata
     import pandas as pd
     import scvi
@@ -168,7 +183,24 @@ def _memory_model(config: Config, inputs: TrainInputs) -> tuple[Any, None, int]:
         adata.obs[BATCH_KEY].astype(str), categories=inputs.categories
     )
     scvi.model.SCVI.setup_anndata(adata, batch_key=BATCH_KEY)
-    return scvi.model.SCVI(adata, **scvi_model_kwargs(config.model)), None, adata.n_obs
+    model = scvi.model.SCVI(adata, **scvi_model_kwargs(config.model))
+    t = config.train
+    if t.memory_loader == "scvi-tools":
+        return model, None, adata.n_obs
+    from census_scvi.train._datamodule import MemoryDataModule
+
+    dm = MemoryDataModule(
+        adata.X,
+        # the integers the model's registry gave the batch categories
+        batch_codes=model.adata_manager.get_from_registry(scvi.REGISTRY_KEYS.BATCH_KEY),
+        n_batch=len(inputs.categories),
+        train_size=t.train_size,
+        batch_size=t.batch_size,
+        seed=t.seed,
+        io_batch_size=t.stream_io_batch_size,
+        shuffle_chunk_size=t.stream_shuffle_chunk_size,
+    )
+    return model, dm, adata.n_obs
 
 
 def _stream_model(config: Config, inputs: TrainInputs, *, num_workers: int) -> tuple[Any, Any, int]:

@@ -9,9 +9,10 @@ CPU (``docs/benchmarks.md``, train section; same 43k-cell x 2000-HVG census, 2 c
   numpy passes (column gather, masks, ``searchsorted``, COO -> CSR with duplicate summing).
 * Here one read per I/O batch takes all genes of the cells; numba kernels drop the non-model
   genes, map joinids to rows (one binary search per cell) and build CSR by a counting sort,
-  without the GIL, in a background thread that reads the next I/O batch while the current one
-  trains. Memory per I/O batch: the CSR (8 bytes per kept value) plus, while reading, the kept
-  values as COO (12 bytes) and one TileDB result table (``READ_BUFFER_BYTES`` per column).
+  without the GIL, in a background thread (:mod:`._read_ahead`) that reads the next I/O batch
+  while the current one trains. Memory per I/O batch: the CSR (8 bytes per kept value) plus,
+  while reading, the kept values as COO (12 bytes) and one TileDB result table
+  (``READ_BUFFER_BYTES`` per column).
 
 ``IOBatchReader.read`` returns a ``scipy.sparse.csr_matrix`` whose rows follow the (sorted) cell
 joinids asked for and whose columns follow ``var_joinids``.
@@ -21,13 +22,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numba
 import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
+
+from census_scvi.train._read_ahead import prefetched, release_free_memory
 
 __all__ = ["IOBatchReader", "coo_to_csr", "filter_coo", "release_free_memory"]
 
@@ -123,51 +125,6 @@ def coo_to_csr(
     return indptr, indices, values
 
 
-def _libc() -> Any:
-    """The C library (glibc's ``malloc_trim`` is used when present)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-
-
-def release_free_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc ``malloc_trim(0)``; no-op elsewhere).
-
-    The read-ahead thread and torch allocate arrays of tens of MB in different malloc arenas,
-    whose freed pages glibc keeps; stream training's RSS then wandered between 2.1 and 2.9 GiB
-    and its peak rose with the number of steps (one 175k-cell epoch, 8000 genes: peak 3.05 GiB
-    without, 2.85 GiB with this call per I/O batch; epoch time within noise).
-    """
-    trim = getattr(_LIBC, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _read_ahead_pool() -> ThreadPoolExecutor:
-    """One read-ahead thread per process, reused by every pass.
-
-    With a new thread per pass, each got a new glibc malloc arena, and the arenas' retained
-    pages raised peak RSS from pass to pass: 2.49 GiB in the first training epoch, 3.34 GiB in
-    the second (same run, 44k cells x 8000 genes); one persistent thread: 2.57 / 2.98 GiB.
-    (``MALLOC_ARENA_MAX=1`` in the environment: 2.49 / 2.58 GiB. Set at run time with
-    ``mallopt`` it does not help: torch's threads already own their arenas.)
-    """
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(1, thread_name_prefix="census-scvi-read")
-    return _POOL
-
-
 class IOBatchReader:
     """Reads cells x model genes of one SOMA ``X`` layer as CSR, one I/O batch at a time.
 
@@ -221,20 +178,7 @@ class IOBatchReader:
         self, batches: Iterable[npt.NDArray[np.int64]]
     ) -> Iterator[tuple[npt.NDArray[np.int64], sp.csr_matrix]]:
         """``(joinids, X)`` per I/O batch, reading the next batch in a thread meanwhile."""
-        pool = _read_ahead_pool()
-        it = iter(batches)
-        nxt = next(it, None)
-        fut: Future[sp.csr_matrix] | None = pool.submit(self.read, nxt) if nxt is not None else None
-        try:
-            while fut is not None and nxt is not None:
-                ids, x = nxt, fut.result()
-                release_free_memory()
-                nxt = next(it, None)
-                fut = pool.submit(self.read, nxt) if nxt is not None else None
-                yield ids, x
-        finally:
-            if fut is not None and not fut.cancel():
-                fut.exception()  # an abandoned pass: let its last read finish before closing
+        return prefetched(self.read, batches)
 
     def close(self) -> None:
         self._exp.close()

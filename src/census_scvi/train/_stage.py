@@ -4,8 +4,10 @@
 ``prepare/cells.parquet`` + ``prepare/hvg.parquet`` and the SOMA census in ``train.mode: stream``),
 checks that it matches the config *before* any training (:mod:`._inputs`), builds
 ``scvi.model.SCVI`` with every ``model`` key, trains with every ``train`` key and the
-``training_plan`` keys as scvi-tools' ``plan_kwargs`` (:mod:`._model`), on the devices
-:func:`resolve_devices` decides (:mod:`._devices`), and writes::
+``training_plan`` keys as scvi-tools' ``plan_kwargs`` (:mod:`._model`), feeds it shuffled-chunk
+mini-batches from a read-ahead thread in both modes (:mod:`._datamodule`; in memory mode cut from
+the h5ad's X held as CSR, or scvi-tools' own loader with ``train.memory_loader: scvi-tools``), on
+the devices :func:`resolve_devices` decides (:mod:`._devices`), and writes::
 
     train/scvi.model/      scvi-tools save format (scvi.model.SCVI.load(dir, adata=prepared))
     train/logs/            TensorBoard events, history.csv, loss_curve.png
