@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import anndata as ad
@@ -88,11 +89,31 @@ def test_gather_and_dense_rows_equal_numpy(index_dtype):
     np.testing.assert_array_equal(
         dense_rows(parts, 30), np.vstack([dense[rows], other.toarray()[[9, 1]]])
     )
-    reader = CsrRowReader(x)
+    reader = CsrRowReader(x)  # I/O batches are the whole matrix: nothing read, nothing copied
     batches = [np.arange(0, 20), np.arange(20, 40)]
-    out = list(reader.prefetched(batches))  # read ahead, same batches in order
+    out = list(reader.prefetched(batches))
     assert [ids.tolist() for ids, _ in out] == [b.tolist() for b in batches]
-    np.testing.assert_array_equal(np.vstack([m.toarray() for _, m in out]), dense)
+    assert reader.whole_matrix and all(m is x for _, m in out)
+
+
+def test_built_ahead_keeps_order_and_finishes_abandoned_passes():
+    from census_scvi.train._read_ahead import built_ahead
+
+    calls = []
+
+    def build(a, b):
+        calls.append(a)
+        return a + b
+
+    assert list(built_ahead(build, [(i, 10) for i in range(5)])) == [10, 11, 12, 13, 14]
+    calls.clear()
+    gen = built_ahead(build, ((i, 0) for i in range(100)))
+    assert next(gen) == 0
+    gen.close()  # abandoned: the build ahead is cancelled or waited for, nothing more starts
+    done = list(calls)
+    assert done in ([0], [0, 1])
+    time.sleep(0.05)
+    assert calls == done
 
 
 def test_as_float32_csr_shares_the_prepared_arrays():

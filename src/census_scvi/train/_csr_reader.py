@@ -2,17 +2,25 @@
 
 ``train.mode: memory`` (with ``train.memory_loader: census-scvi``) holds the prepared h5ad's X as
 one float32 CSR and feeds scVI through the same data module design as stream mode
-(:class:`~._datamodule.StreamDataset`: shuffled chunks, I/O batches, read-ahead thread, shuffled
-mini-batches). :class:`CsrRowReader` is the reader it plugs in where stream mode plugs
-:class:`~._soma_reader.IOBatchReader`: ``read(rows)`` gathers the (sorted) rows of one I/O batch
-into a CSR of their own with a numba kernel (``nogil``, so the read-ahead thread runs beside
-torch), and :func:`dense_rows` writes chosen rows of a CSR into a dense mini-batch in one pass.
+(:class:`~._datamodule.StreamDataset`: shuffled chunks, I/O batches, shuffled mini-batches).
+:class:`CsrRowReader` is the reader it plugs in where stream mode plugs
+:class:`~._soma_reader.IOBatchReader`. Its I/O batches cost nothing: each is the whole matrix,
+not a gathered copy (gathering 16,384 rows of 8000 genes at 15% density into a CSR of their
+own took ~80 ms, ~5 ms per 1024-cell mini-batch, for no gain once the rows are in memory).
+What costs is writing a mini-batch dense, which :func:`dense_rows` does in one numba pass
+(``nogil``) straight from the matrix's rows, in a background thread the next mini-batch while
+the current one trains (:func:`~._read_ahead.built_ahead`).
 
 Why not scvi-tools' ``AnnDataLoader``: it indexes the AnnData per mini-batch on the training
-thread (AnnData view, CSR fancy index, ``toarray``), ~5,100 cells/s at the census-like shape
-(8000 genes, batch 1024; ``benchmarks/bench_train.py --loaders-only``), below what scVI trains at.
-Here the per-mini-batch work is :func:`dense_rows` (1024 x 8000 at 15% density: ~3.5 ms, against
-~6.5 ms for scipy's ``x[rows].toarray()``, same values).
+thread, ``X[rows].toarray()``, and anndata 0.12 reads the prepared h5ad's X with int64 ``indptr``
+and int32 ``indices``: scipy's CSR row indexing then casts the *whole* matrix's index arrays to
+one dtype on every mini-batch, so its cost grows with the matrix, not with the batch (~5,100
+cells/s at the census-like shape; 100,000 cells x 8000 genes at 40% density, loaded 2-core
+machine: 1,900-2,100 cells/s, against 95,000-133,000 for this loader). The numba kernels here
+take the arrays as they are. Even without the cast, ``X[rows].toarray()`` of 1024 x 8000 at 15%
+density takes ~4.2 ms on the training thread against ~2.6 ms for :func:`dense_rows`, off it.
+:func:`gather_rows` copies a few rows when a mini-batch straddles two of stream mode's I/O
+batches.
 """
 
 from __future__ import annotations
@@ -24,8 +32,6 @@ import numba
 import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
-
-from census_scvi.train._read_ahead import prefetched
 
 __all__ = ["CsrRowReader", "as_float32_csr", "dense_rows", "gather_rows"]
 
@@ -106,7 +112,10 @@ def as_float32_csr(x: Any) -> sp.csr_matrix:
 
 
 class CsrRowReader:
-    """Reads rows of an in-memory CSR matrix, one I/O batch at a time, like ``IOBatchReader``.
+    """The in-memory matrix as a reader of :class:`~._datamodule.StreamDataset`.
+
+    Each I/O batch is the whole matrix itself (``whole_matrix``): its rows are in memory
+    already, so nothing is read or copied, and mini-batches are written dense straight from it.
 
     Parameters
     ----------
@@ -114,18 +123,17 @@ class CsrRowReader:
         The cells x model genes matrix, float32 CSR (:func:`as_float32_csr`).
     """
 
+    whole_matrix = True
+
     def __init__(self, x: sp.csr_matrix) -> None:
         self.x = x
-
-    def read(self, rows: npt.NDArray[np.int64]) -> sp.csr_matrix:
-        """``x[rows]`` as float32 CSR, rows in the order given (sorted reads faster)."""
-        return gather_rows(self.x, rows)
 
     def prefetched(
         self, batches: Iterable[npt.NDArray[np.int64]]
     ) -> Iterator[tuple[npt.NDArray[np.int64], sp.csr_matrix]]:
-        """``(rows, X)`` per I/O batch, gathering the next batch in a thread meanwhile."""
-        return prefetched(self.read, batches)
+        """``(rows, the whole matrix)`` per I/O batch."""
+        for rows in batches:
+            yield rows, self.x
 
     def close(self) -> None:
         """Nothing to release (the matrix belongs to the data module)."""

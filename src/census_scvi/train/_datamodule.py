@@ -2,18 +2,19 @@
 
 One design, two readers. :class:`StreamDataset` cuts a rank's cells into runs of
 ``shuffle_chunk_size``, shuffles the runs with ``seed + epoch``, groups them into I/O batches,
-has a reader turn the next I/O batch into CSR in a read-ahead thread while the current one is
-cut into shuffled mini-batches (:mod:`._read_ahead`), and writes each mini-batch dense in one
-numba pass (:func:`~._csr_reader.dense_rows`). The reader is what differs:
+has a reader turn each I/O batch into CSR (the next one in a read-ahead thread while the
+current one trains, :mod:`._read_ahead`), cuts it into shuffled mini-batches and writes each
+dense in one numba pass (:func:`~._csr_reader.dense_rows`). The reader is what differs:
 
 * :class:`SomaStreamDataModule` (``train.mode: stream``) reads ``X[cells, genes]`` from a
   TileDB-SOMA experiment (:class:`~._soma_reader.IOBatchReader`), so no h5ad of the census is
   ever written and memory is bounded by ``io_batch_size``, not by the number of cells;
 * :class:`MemoryDataModule` (``train.mode: memory``, ``train.memory_loader: census-scvi``)
-  gathers rows of the prepared h5ad's X, held once as float32 CSR
-  (:class:`~._csr_reader.CsrRowReader`), in place of scvi-tools' ``AnnDataLoader``, which
-  indexes the AnnData per mini-batch on the training thread (~5,100 cells/s at the census-like
-  shape, below what scVI trains at).
+  cuts mini-batches straight from the prepared h5ad's X, held once as float32 CSR
+  (:class:`~._csr_reader.CsrRowReader`: an I/O batch is the whole matrix, nothing is copied),
+  the next one built in a thread while the current one trains, in place of scvi-tools'
+  ``AnnDataLoader`` (~5,100 cells/s at the census-like shape, on the training thread: see
+  :mod:`._csr_reader` for why).
 
 Both split train/validation exactly as scvi-tools' ``DataSplitter`` does for the same rows and
 seed (:func:`split_rows`), shuffle each epoch with ``seed + epoch`` (so a resumed run sees the
@@ -45,7 +46,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from census_scvi.train._csr_reader import CsrRowReader, as_float32_csr, dense_rows, gather_rows
-from census_scvi.train._read_ahead import release_free_memory
+from census_scvi.train._read_ahead import built_ahead, release_free_memory
 from census_scvi.train._soma_reader import IOBatchReader
 
 # this private module is imported only when training through these modules, so torch/lightning
@@ -108,13 +109,24 @@ def _rank_slice(ids: npt.NDArray[np.int64], rank: int, world_size: int) -> npt.N
 
 
 class RowReader(Protocol):
-    """What :class:`StreamDataset` needs of a reader: CSR per I/O batch, read ahead; close."""
+    """What :class:`StreamDataset` needs of a reader: CSR per I/O batch, read ahead; close.
+
+    ``whole_matrix``: each I/O batch's CSR is the whole matrix, whose rows the cell ids name
+    (the in-memory reader: nothing to read, nothing copied); otherwise its rows are the I/O
+    batch's cells in order (the SOMA reader).
+    """
+
+    whole_matrix: bool
 
     def prefetched(
         self, batches: Iterable[npt.NDArray[np.int64]]
     ) -> Iterator[tuple[npt.NDArray[np.int64], sp.csr_matrix]]: ...
 
     def close(self) -> None: ...
+
+
+# (CSR, its rows) pieces of one mini-batch, and the mini-batch's cell ids
+_Parts = list[tuple[sp.csr_matrix, npt.NDArray[np.int64]]]
 
 
 class StreamDataset(IterableDataset):  # type: ignore[type-arg]
@@ -124,7 +136,8 @@ class StreamDataset(IterableDataset):  # type: ignore[type-arg]
     and has the reader read ``io_batch_size`` cells (a group of runs) at a time while the
     previous I/O batch is cut into shuffled mini-batches; a mini-batch that straddles two I/O
     batches takes cells from both, so every mini-batch but a worker's last has ``batch_size``
-    cells.
+    cells. Each mini-batch is written dense by one numba pass (:func:`~._csr_reader.dense_rows`);
+    with ``build_ahead`` in a thread of its own, the next one while the current one trains.
 
     Parameters
     ----------
@@ -136,6 +149,8 @@ class StreamDataset(IterableDataset):  # type: ignore[type-arg]
         Every cell id, ascending, and its batch code (the model registry's integer).
     id_key
         The mini-batch key that carries the cell ids.
+    build_ahead
+        Build the next mini-batch in a background thread (:func:`~._read_ahead.built_ahead`).
     """
 
     def __init__(
@@ -153,6 +168,7 @@ class StreamDataset(IterableDataset):  # type: ignore[type-arg]
         drop_singletons: bool,
         n_workers: int,
         id_key: str = SOMA_JOINID_KEY,
+        build_ahead: bool = False,
     ) -> None:
         super().__init__()
         self.open_reader = open_reader
@@ -167,6 +183,7 @@ class StreamDataset(IterableDataset):  # type: ignore[type-arg]
         self.drop_singletons = drop_singletons
         self.n_workers = max(1, n_workers)
         self.id_key = id_key
+        self.build_ahead = build_ahead
         self.epoch = 0
 
     def _worker_ids(self) -> npt.NDArray[np.int64]:
@@ -215,7 +232,12 @@ class StreamDataset(IterableDataset):  # type: ignore[type-arg]
         reader = self.open_reader()
         last: dict[str, torch.Tensor] | None = None
         try:
-            for batch in self._pass(reader, ids, np.random.default_rng(self.seed + epoch)):
+            recipes = self._pass(reader, ids, np.random.default_rng(self.seed + epoch))
+            if self.build_ahead:
+                batches = built_ahead(self._batch, recipes)
+            else:
+                batches = (self._batch(parts, cells) for parts, cells in recipes)
+            for batch in batches:
                 if last is not None:
                     yield last
                 last = batch
@@ -227,39 +249,43 @@ class StreamDataset(IterableDataset):  # type: ignore[type-arg]
 
     def _pass(
         self, reader: RowReader, ids: npt.NDArray[np.int64], rng: np.random.Generator
-    ) -> Iterator[dict[str, torch.Tensor]]:
+    ) -> Iterator[tuple[_Parts, npt.NDArray[np.int64]]]:
+        """Each mini-batch's ``(parts, cell ids)``, in training order."""
+        whole = reader.whole_matrix
         # the cells of an unfinished mini-batch: (CSR, its rows) parts and their ids
-        pending: list[tuple[sp.csr_matrix, npt.NDArray[np.int64]]] = []
+        pending: _Parts = []
         pending_ids: list[npt.NDArray[np.int64]] = []
         n_pending = 0
         for io_ids, x in reader.prefetched(self.io_batches(ids, rng)):
             order = rng.permutation(len(io_ids)) if self.shuffle else np.arange(len(io_ids))
+            part = functools.partial(_part, x, io_ids if whole else None)
             start = 0
             if n_pending:  # finish the mini-batch left over from the previous I/O batch
                 take = order[: self.batch_size - n_pending]
-                pending.append((x, take))
                 pending_ids.append(io_ids[take])
                 n_pending += len(take)
                 start = len(take)
                 if n_pending < self.batch_size:
-                    pending[-1] = _own_rows(x, take)
+                    pending.append(part(take, keep=True))
                     continue
-                yield self._batch(pending, np.concatenate(pending_ids))
+                pending.append(part(take))
+                yield pending, np.concatenate(pending_ids)
                 pending, pending_ids, n_pending = [], [], 0
             for s in range(start, len(order), self.batch_size):
                 sel = order[s : s + self.batch_size]
                 if len(sel) < self.batch_size:
-                    # a copy of its rows: the I/O batch itself is freed before the next is used
-                    pending, pending_ids, n_pending = [_own_rows(x, sel)], [io_ids[sel]], len(sel)
+                    pending, pending_ids, n_pending = (
+                        [part(sel, keep=True)],
+                        [io_ids[sel]],
+                        len(sel),
+                    )
                     break
-                yield self._batch([(x, sel)], io_ids[sel])
+                yield [part(sel)], io_ids[sel]
         if n_pending and not (self.drop_singletons and n_pending < 2):
             # BatchNorm cannot train on one cell; scvi-tools avoids such batches too
-            yield self._batch(pending, np.concatenate(pending_ids))
+            yield pending, np.concatenate(pending_ids)
 
-    def _batch(
-        self, parts: list[tuple[sp.csr_matrix, npt.NDArray[np.int64]]], ids: npt.NDArray[np.int64]
-    ) -> dict[str, torch.Tensor]:
+    def _batch(self, parts: _Parts, ids: npt.NDArray[np.int64]) -> dict[str, torch.Tensor]:
         codes = self.sorted_codes[np.searchsorted(self.sorted_ids, ids)]
         return {
             _X_KEY: torch.from_numpy(dense_rows(parts, parts[0][0].shape[1])),
@@ -269,11 +295,24 @@ class StreamDataset(IterableDataset):  # type: ignore[type-arg]
         }
 
 
-def _own_rows(
-    x: sp.csr_matrix, rows: npt.NDArray[np.int64]
+def _part(
+    x: sp.csr_matrix,
+    row_of: npt.NDArray[np.int64] | None,
+    sel: npt.NDArray[np.int64],
+    *,
+    keep: bool = False,
 ) -> tuple[sp.csr_matrix, npt.NDArray[np.int64]]:
-    """``(x[rows], all of its rows)``: a part that no longer holds on to ``x``."""
-    return gather_rows(x, rows.astype(np.int64, copy=False)), np.arange(len(rows), dtype=np.int64)
+    """The I/O batch positions ``sel`` as a ``(CSR, rows)`` part of a mini-batch.
+
+    ``row_of``: the row of ``x`` at each I/O batch position (``x`` is then the whole matrix,
+    nothing is copied); None: position = row. ``keep``: the part outlives this I/O batch, so it
+    holds a copy of its rows rather than the I/O batch (which is then freed).
+    """
+    if row_of is not None:
+        return x, row_of[sel]
+    if keep:
+        return gather_rows(x, sel.astype(np.int64, copy=False)), np.arange(len(sel), dtype=np.int64)
+    return x, sel
 
 
 class EpochDataLoader(DataLoader):  # type: ignore[type-arg]
@@ -300,6 +339,7 @@ class _ChunkedDataModule(LightningDataModule):
 
     _kind = "chunked"
     _id_key = SOMA_JOINID_KEY
+    _build_ahead = False
 
     def __init__(
         self,
@@ -405,6 +445,7 @@ class _ChunkedDataModule(LightningDataModule):
             drop_singletons=train,
             n_workers=self.num_workers,
             id_key=self._id_key,
+            build_ahead=self._build_ahead,
         )
         kwargs: dict[str, Any] = {"num_workers": self.num_workers}
         if self.num_workers > 0:
@@ -545,10 +586,12 @@ class MemoryDataModule(_ChunkedDataModule):
     """Lightning data module cutting scVI mini-batches from an in-memory CSR matrix.
 
     The memory-mode loader (``train.memory_loader: census-scvi``): the same shuffled chunks,
-    I/O batches, read-ahead thread and mini-batches as :class:`SomaStreamDataModule`, over the
-    rows of ``x`` (the prepared h5ad's X) instead of SOMA reads. No DataLoader worker
-    processes: spawned ones would each need their own copy of ``x``, and the row gather is a
-    ``nogil`` numba kernel, so one read-ahead thread overlaps it with training.
+    I/O batches and mini-batches as :class:`SomaStreamDataModule`, over the rows of ``x`` (the
+    prepared h5ad's X) instead of SOMA reads; the next mini-batch is written dense in a
+    background thread while the current one trains. No DataLoader worker processes: spawned
+    ones would each need their own copy of ``x`` (forked ones failed with ENOMEM from a large
+    process), and the kernel that writes a mini-batch is ``nogil`` numba, so one thread
+    overlaps it with training.
 
     Parameters
     ----------
@@ -571,6 +614,8 @@ class MemoryDataModule(_ChunkedDataModule):
 
     _kind = "memory"
     _id_key = ROW_KEY
+    # the reads cost nothing here (the rows are in memory): the thread builds mini-batches
+    _build_ahead = True
 
     def __init__(
         self,

@@ -137,6 +137,9 @@ class IOBatchReader:
         ``soma_joinid`` of the model genes, in model column order.
     """
 
+    # each I/O batch is a CSR of its own cells (RowReader protocol of ._datamodule)
+    whole_matrix = False
+
     def __init__(self, x_locator: Any, var_joinids: npt.NDArray[np.int64]) -> None:
         import tiledbsoma as soma
 
