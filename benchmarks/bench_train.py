@@ -1,19 +1,26 @@
 """Train-stage throughput: scvi-tools directly vs our memory mode vs our stream mode.
 
-For each (HVG count, n_hidden) case, three variants train on the same prepared mini census, each
+For each (HVG count, n_hidden) case, these variants train on the same prepared mini census, each
 in its own child process (so peak RSS is per run):
 
   (a) scvi-tools called directly on the prepared h5ad (the anchor);
-  (b) ``run_train`` with ``train.mode: memory``;
-  (c) ``run_train`` with ``train.mode: stream`` (SOMA -> tiledbsoma-ml -> our data module).
+  (b) ``run_train`` with ``train.mode: memory``, with the census-scvi loader (shuffled chunks,
+      read-ahead thread: ``train.memory_loader: census-scvi``) and with scvi-tools' own
+      ``AnnDataLoader`` (``train.memory_loader: scvi-tools``);
+  (c) ``run_train`` with ``train.mode: stream`` (SOMA -> our reader -> our data module);
 
-Cells/s counts training steps only (data loading included, validation and the first epoch
-excluded: start-up, numba compilation). Stream mode is also run on a quarter of the cells to show
-that its peak RSS does not grow with the cell count. The FLOP-bound ceiling uses sgemm throughput
-measured in the same run and ~12 * n_genes * n_hidden FLOPs per cell and step (encoder and
-decoder GEMMs, forward + backward). ``--profile`` prints where a training step's time goes.
+(b) and (c) each with and without ``train.fast_likelihood``. Cells/s counts training steps only
+(data loading included, validation and the first epoch excluded: start-up, numba compilation).
+Stream mode is also run on a quarter of the cells to show that its peak RSS does not grow with
+the cell count. The FLOP-bound ceiling uses sgemm throughput measured in the same run and
+~12 * n_genes * n_hidden FLOPs per cell and step (encoder and decoder GEMMs, forward +
+backward); each variant's "% ceiling" is its cells/s over that. ``--loaders`` / ``--loaders-only``
+time the training data loaders alone (no model): scvi-tools' AnnDataLoader, the census-scvi
+memory loader and the stream loader. ``--profile`` prints where a training step's time goes.
 
     python benchmarks/bench_train.py --cells 50000 --genes 4000 --hvg 2000 --hidden 128 512
+    # a smoke run of every variant and loader at a tiny shape:
+    python benchmarks/bench_train.py --cells 3000 --genes 1000 --hvg 500 --hidden 128 --loaders
 """
 
 from __future__ import annotations
@@ -102,8 +109,15 @@ def child(a: dict) -> dict:
     else:
         from census_scvi.train import run_train
 
-        mode = "memory" if a["variant"] == "memory" else "stream"
-        cfg = load_config(None, overrides=[*_overrides(a), f"train.mode={mode}"])
+        cfg = load_config(
+            None,
+            overrides=[
+                *_overrides(a),
+                f"train.mode={a['variant']}",
+                f"train.memory_loader={a.get('loader', 'census-scvi')}",
+                f"train.fast_likelihood={str(a.get('fast', True)).lower()}",
+            ],
+        )
         run_train(cfg, run_dir=run, force=True, callbacks=[tm])
     cells = sum(c for c, _ in tm.epochs[1:])
     cpu = sum(tm.cpu[1:])
@@ -119,7 +133,7 @@ def child(a: dict) -> dict:
 def loaders_only(a: dict) -> dict:
     """One pass of the training data loader alone (no model): the data side of a step."""
     run = Path(a["run"])
-    if a["variant"] == "load-memory":
+    if a["variant"] == "load-memory-scvi-tools":
         import anndata
         import scvi
 
@@ -133,11 +147,15 @@ def loaders_only(a: dict) -> dict:
         loader = splitter.train_dataloader()
     else:
         from census_scvi.config import load_config
-        from census_scvi.train._inputs import stream_inputs
+        from census_scvi.train._inputs import read_inputs
         from census_scvi.train._model import build_model
 
-        cfg = load_config(None, overrides=[*_overrides(a), "train.mode=stream"])
-        _, dm, _ = build_model(cfg, stream_inputs(cfg, run / "prepare"))
+        mode = "memory" if a["variant"] == "load-memory" else "stream"
+        cfg = load_config(
+            None,
+            overrides=[*_overrides(a), f"train.mode={mode}", "train.memory_loader=census-scvi"],
+        )
+        _, dm, _ = build_model(cfg, read_inputs(cfg, run / "prepare"))
         dm.setup()
         loader = dm.train_dataloader()
     for _ in zip(range(2), loader, strict=False):  # warm-up (numba compilation)
@@ -228,6 +246,93 @@ def prepare(census: str, run: Path, a: dict) -> None:
     run_prepare(cfg, run_dir=run)
 
 
+# key -> (label, child settings); c-quarter is stream mode on a quarter of the cells (its RSS)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "a": ("(a) scvi-tools direct", {"variant": "scvi"}),
+    "b": ("(b) memory", {"variant": "memory", "loader": "census-scvi", "fast": True}),
+    "b-nofast": (
+        "(b) memory, no fast likelihood",
+        {"variant": "memory", "loader": "census-scvi", "fast": False},
+    ),
+    "b-scvi": (
+        "(b) memory, scvi-tools loader",
+        {"variant": "memory", "loader": "scvi-tools", "fast": True},
+    ),
+    "b-scvi-nofast": (
+        "(b) memory, scvi-tools loader, no fast lik.",
+        {"variant": "memory", "loader": "scvi-tools", "fast": False},
+    ),
+    "c": ("(c) stream", {"variant": "stream", "fast": True}),
+    "c-nofast": ("(c) stream, no fast likelihood", {"variant": "stream", "fast": False}),
+    "c-quarter": ("(c) stream, N/4 cells", {"variant": "stream", "fast": True, "quarter": True}),
+}
+LOADERS = {
+    "memory, scvi-tools AnnDataLoader": "load-memory-scvi-tools",
+    "memory, census-scvi loader": "load-memory",
+    "stream": "load-stream",
+}
+ANCHOR = VARIANTS["a"][0]
+
+
+def _quarter_run(run: Path, work: Path, hvg: int) -> Path:
+    """A run dir whose cells.parquet lists a quarter of the cells (stream mode reads SOMA)."""
+    import pandas as pd
+
+    quarter = work / f"run-hvg{hvg}-quarter"
+    shutil.rmtree(quarter, ignore_errors=True)
+    (quarter / "prepare").mkdir(parents=True)
+    shutil.copy(run / "prepare/hvg.parquet", quarter / "prepare/hvg.parquet")
+    cells = pd.read_parquet(run / "prepare/cells.parquet")
+    cells.iloc[: len(cells) // 4].to_parquet(quarter / "prepare/cells.parquet", index=False)
+    return quarter
+
+
+def _loaders(case: dict) -> None:
+    for label, v in LOADERS.items():
+        r = run_child({**case, "variant": v})
+        print(
+            f"  loader only, {label:33s}: {r['cells_per_s']:8.0f} cells/s, "
+            f"CPU-normalized {r['cells_per_cpu_s']:8.0f}, RSS {r['peak_rss_gib']} GiB"
+        )
+
+
+def _print_case(n_cells: int, hvg: int, hidden: int, batch: int, res: dict, ceiling: float):
+    anchor = res.get(ANCHOR)
+    print(f"\n{n_cells:,} cells x {hvg} HVGs, n_hidden {hidden}, batch {batch}:")
+    for v, r in res.items():
+        ratio = r["cells_per_s"] / anchor["cells_per_s"] if anchor else float("nan")
+        cpu_ratio = (
+            r["cells_per_cpu_s"] / anchor["cells_per_cpu_s"]
+            if anchor and r["cells_per_cpu_s"] and anchor["cells_per_cpu_s"]
+            else float("nan")
+        )
+        print(
+            f"  {v:42s} {r['cells_per_s']:8.0f} cells/s ({ratio:4.2f}x, "
+            f"{r['cells_per_s'] / ceiling:4.0%} of ceiling)  "
+            f"CPU-normalized {r['cells_per_cpu_s'] or 0:8.0f} ({cpu_ratio:4.2f}x)  "
+            f"peak RSS {r['peak_rss_gib']:.2f} GiB  wall {r['wall_s']} s"
+        )
+    print(f"  {'ceiling (sgemm-bound)':42s} {ceiling:8.0f} cells/s")
+
+
+def _print_table(rows: list, gflops: float) -> None:
+    print(
+        f"\n| cells | HVGs | n_hidden | variant | cells/s | vs (a) | % of ceiling "
+        f"(sgemm {gflops:.0f} GFLOP/s) | peak RSS | CPU-normalized |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for hvg, hidden, n, res, ceiling in rows:
+        anchor = res.get(ANCHOR)
+        for v, r in res.items():
+            ratio = f"{r['cells_per_s'] / anchor['cells_per_s']:.2f}x" if anchor else "-"
+            cells = n // 4 if v == VARIANTS["c-quarter"][0] else n
+            print(
+                f"| {cells:,} | {hvg} | {hidden} | {v} | {r['cells_per_s']:,.0f} | {ratio} "
+                f"| {r['cells_per_s'] / ceiling:.1%} of {ceiling:,.0f} | "
+                f"{r['peak_rss_gib']:.2f} GiB | {r['cells_per_cpu_s'] or 0:,.0f} |"
+            )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--cells", type=int, default=50_000)
@@ -236,10 +341,18 @@ def main() -> None:
     p.add_argument("--hidden", type=int, nargs="+", default=[128, 512])
     p.add_argument("--epochs", type=int, default=2, help="the first is not timed")
     p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--io-batch", type=int, default=16_384, help="stream I/O batch (cells)")
-    p.add_argument("--chunk", type=int, default=256, help="stream shuffle chunk (cells)")
+    p.add_argument("--io-batch", type=int, default=16_384, help="I/O batch (cells), both modes")
+    p.add_argument("--chunk", type=int, default=256, help="shuffle chunk (cells), both modes")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=1, help="runs per variant; the best is kept")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(VARIANTS),
+        help="training variants to run (default all): "
+        + ", ".join(f"{k} = {label}" for k, (label, _) in VARIANTS.items()),
+    )
     p.add_argument("--workdir", default="/tmp/census-scvi-bench-train")
     p.add_argument("--census", help="an existing (mini) census to use instead of generating one")
     p.add_argument("--profile", action="store_true", help="print a step profile per case")
@@ -278,74 +391,32 @@ def main() -> None:
         }
         run = work / f"run-hvg{hvg}"
         prepare(str(census), run, {**base, "hidden": 128})
-        # a quarter of the cells, for stream mode's RSS against cell count
-        quarter = work / f"run-hvg{hvg}-quarter"
-        shutil.rmtree(quarter, ignore_errors=True)
-        (quarter / "prepare").mkdir(parents=True)
         import pandas as pd
 
-        for f in ("hvg.parquet",):
-            shutil.copy(run / "prepare" / f, quarter / "prepare" / f)
-        cells = pd.read_parquet(run / "prepare/cells.parquet")
-        cells.iloc[: len(cells) // 4].to_parquet(quarter / "prepare/cells.parquet", index=False)
-        n_cells = len(cells)
+        n_cells = len(pd.read_parquet(run / "prepare/cells.parquet"))
+        if args.loaders:  # the loaders do not depend on n_hidden
+            print(f"\n{n_cells:,} cells x {hvg} HVGs, batch {args.batch_size}, loaders alone:")
+            _loaders({**base, "hidden": args.hidden[0], "run": str(run)})
+        if args.loaders_only:
+            continue
+        quarter = _quarter_run(run, work, hvg) if "c-quarter" in args.variants else run
         for hidden in args.hidden:
             case = {**base, "hidden": hidden, "run": str(run)}
             if args.profile:
                 print(f"\nprofile, {hvg} HVGs, n_hidden {hidden}:\n{profile(case)}")
             res: dict[str, dict] = {}
             for _ in range(args.reps):  # interleaved; the best run of each variant is kept
-                for v in ("scvi", "memory", "stream", "stream/4"):
-                    r = run_child(
-                        {
-                            **case,
-                            "variant": v.split("/")[0],
-                            "run": str(quarter if "/" in v else run),
-                        }
-                    )
-                    if v not in res or r["cells_per_s"] > res[v]["cells_per_s"]:
-                        res[v] = r
-            if args.loaders:
-                for v in ("load-memory", "load-stream"):
-                    r = run_child({**case, "variant": v})
-                    print(
-                        f"  loader only, {v[5:]:6s}: {r['cells_per_s']:8.0f} cells/s, "
-                        f"CPU-normalized {r['cells_per_cpu_s']:8.0f}, RSS {r['peak_rss_gib']} GiB"
-                    )
-            if args.loaders_only:
-                continue
+                for key in args.variants:
+                    label, spec = VARIANTS[key][0], dict(VARIANTS[key][1])
+                    where = quarter if spec.pop("quarter", False) else run
+                    r = run_child({**case, **spec, "run": str(where)})
+                    if label not in res or r["cells_per_s"] > res[label]["cells_per_s"]:
+                        res[label] = r
             ceiling = gflops * 1e9 / (12 * hvg * hidden)
-            anchor = res["scvi"]["cells_per_s"]
             rows.append((hvg, hidden, n_cells, res, ceiling))
-            print(f"\n{n_cells:,} cells x {hvg} HVGs, n_hidden {hidden}, batch {args.batch_size}:")
-            for v, r in res.items():
-                ratio = r["cells_per_s"] / anchor if anchor else float("nan")
-                cpu_ratio = r["cells_per_cpu_s"] / res["scvi"]["cells_per_cpu_s"]
-                print(
-                    f"  {v:9s} {r['cells_per_s']:8.0f} cells/s ({ratio:4.2f}x)  "
-                    f"CPU-normalized {r['cells_per_cpu_s']:8.0f} ({cpu_ratio:4.2f}x)  "
-                    f"peak RSS {r['peak_rss_gib']:.2f} GiB  wall {r['wall_s']} s"
-                )
-            print(
-                f"  ceiling   {ceiling:8.0f} cells/s (sgemm-bound); anchor at {anchor / ceiling:.0%}"
-            )
-    print(
-        "\n| cells | HVGs | n_hidden | scvi direct | memory | stream | stream RSS N/4 -> N | ceiling | CPU-normalized a / b / c |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for hvg, hidden, n, res, ceiling in rows:
-        a = res["scvi"]["cells_per_s"]
-        print(
-            f"| {n:,} | {hvg} | {hidden} | {a:,.0f} c/s, {res['scvi']['peak_rss_gib']:.2f} GiB "
-            f"| {res['memory']['cells_per_s']:,.0f} ({res['memory']['cells_per_s'] / a:.2f}x), "
-            f"{res['memory']['peak_rss_gib']:.2f} GiB "
-            f"| {res['stream']['cells_per_s']:,.0f} ({res['stream']['cells_per_s'] / a:.2f}x), "
-            f"{res['stream']['peak_rss_gib']:.2f} GiB "
-            f"| {res['stream/4']['peak_rss_gib']:.2f} -> {res['stream']['peak_rss_gib']:.2f} GiB "
-            f"| {ceiling:,.0f} c/s |"
-            f" {res['scvi']['cells_per_cpu_s']:,.0f} / {res['memory']['cells_per_cpu_s']:,.0f}"
-            f" / {res['stream']['cells_per_cpu_s']:,.0f} |"
-        )
+            _print_case(n_cells, hvg, hidden, args.batch_size, res, ceiling)
+    if rows:
+        _print_table(rows, gflops)
 
 
 if __name__ == "__main__":
