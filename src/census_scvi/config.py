@@ -295,10 +295,11 @@ class TrainConfig(_Section):
     memory_loader: Literal["census-scvi", "scvi-tools"] = Field(
         "census-scvi",
         description="memory mode's mini-batches: census-scvi: shuffled chunks of "
-        "stream_shuffle_chunk_size rows in I/O batches of stream_io_batch_size, built in a "
-        "read-ahead thread, as stream mode does (faster; no DataLoader worker processes); "
-        "scvi-tools: its DataSplitter / AnnDataLoader (indexes the AnnData per mini-batch; "
-        "uses train.num_workers). Same train/validation split either way",
+        "stream_shuffle_chunk_size rows in I/O batches of stream_io_batch_size, as stream mode "
+        "does, the next mini-batch built in a background thread (faster; no DataLoader worker "
+        "processes); scvi-tools: its DataSplitter / AnnDataLoader (indexes the AnnData per "
+        "mini-batch on the training thread; uses train.num_workers). Same train/validation "
+        "split either way",
     )
     seed: int = Field(0, ge=0)
     checkpoint_every_n_epochs: int = Field(1, gt=0)
