@@ -137,7 +137,8 @@ def test_as_float32_csr_shares_the_prepared_arrays():
 # the data module on the prepared h5ad (no training)
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("train_size", "batch_size", "seed"), [(0.9, 128, 0), (0.9, 256, 3), (0.75, 1000, 1)]
+    ("train_size", "batch_size", "seed"),
+    [(0.9, 128, 0), (0.9, 256, 3), (0.75, 1000, 1), (1.0, 128, 0)],
 )
 def test_split_equals_scvi_tools_data_splitter(registered, train_size, batch_size, seed):
     import scvi
@@ -165,6 +166,8 @@ def test_split_equals_scvi_tools_data_splitter(registered, train_size, batch_siz
     )
     np.testing.assert_array_equal(train_rows, splitter.train_idx)
     np.testing.assert_array_equal(val_rows, splitter.val_idx)
+    if dm.n_val == 0:  # train_size 1.0: no validation loader, as DataSplitter
+        assert dm.val_dataloader() == []
 
 
 def test_each_epoch_visits_every_training_row_once(registered):
