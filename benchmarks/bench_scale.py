@@ -93,7 +93,8 @@ def run_size(args: argparse.Namespace, n: int) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     census, demo = _census(root, n, args.genes, args.demo_args)
     run_dir = root / f"run-{n}"
-    if run_dir.exists():
+    stages = [s for s in STAGES if s in args.stages]
+    if run_dir.exists() and "prepare" in stages:
         shutil.rmtree(run_dir)
     query = root / f"query-{n}.h5ad"
     _query(census, query, args.query_cells)
@@ -101,8 +102,14 @@ def run_size(args: argparse.Namespace, n: int) -> dict:
         "--set", "train.mode=stream", "--set", "train.max_epochs=1",
         "--set", f"hvg.top_n_hvg={args.hvg}", "--set", f"evaluate.sample_size={args.sample}",
     ]  # fmt: skip
-    out = {"cells": n, "demo-data": demo}
-    for stage in STAGES:
+    out: dict = {"cells": n, "demo-data": demo}
+    for stage in stages:
+        if stage == "train" and args.model_from:
+            # embed, evaluate and map need a model over the census's genes, not one trained on
+            # these very cells: a smaller size's model saves the largest stage's hour
+            shutil.copytree(Path(args.model_from) / "train", run_dir / "train")
+            out["train"] = {"reused": str(args.model_from)}
+            continue
         cmd = _stage_cmd(stage, census, run_dir, query, sets)
         fig = _timed(cmd, root / f"{stage}-{n}.log")
         sdir = run_dir / stage if stage != "map" else run_dir / "mapped.h5ad"
@@ -112,6 +119,19 @@ def run_size(args: argparse.Namespace, n: int) -> dict:
               f"rss {fig['peak_rss'] / 2**30:6.2f} GiB  disk {fig['disk_bytes'] / 2**30:6.2f} GiB",
               flush=True)  # fmt: skip
     return out
+
+
+def merge(paths: list[str]) -> list[dict]:
+    """Results of several runs, one entry per size: a later file's stages replace earlier ones."""
+    by_size: dict[int, dict] = {}
+    for path in paths:
+        for r in json.loads(Path(path).read_text()):
+            entry = by_size.setdefault(r["cells"], {"cells": r["cells"]})
+            entry.update({k: v for k, v in r.items() if k != "cells" and "wall_s" in v})
+            for k, v in r.items():
+                if k != "cells" and k not in entry:
+                    entry[k] = v
+    return [by_size[n] for n in sorted(by_size)]
 
 
 def report(results: list[dict]) -> str:
@@ -233,12 +253,29 @@ def main() -> None:
     p.add_argument("--root", default="/tmp/census-scvi-scale")
     p.add_argument("--demo-args", nargs=argparse.REMAINDER, default=[],
                    help="extra demo-data flags (last on the line)")  # fmt: skip
-    p.add_argument("--report-only", metavar="JSON", help="print the tables of a saved run")
+    p.add_argument(
+        "--stages",
+        nargs="+",
+        default=list(STAGES),
+        choices=STAGES,
+        help="stages to run (without prepare the run directory is kept)",
+    )
+    p.add_argument(
+        "--model-from",
+        metavar="RUN_DIR",
+        help="copy this run's train/ instead of training (bigger sizes)",
+    )
+    p.add_argument(
+        "--report-only",
+        metavar="JSON",
+        nargs="+",
+        help="print the tables of saved runs (merged by size, later files win)",
+    )
     p.add_argument("--png", default="docs/scale.png")
     p.add_argument("--json", default="docs/scale.json")
     args = p.parse_args()
     if args.report_only:
-        saved = json.loads(Path(args.report_only).read_text())
+        saved = merge(args.report_only)
         print(report(saved) + "\n\n" + projection(saved))
         plot(saved, Path(args.png))
         return

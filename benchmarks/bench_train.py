@@ -45,6 +45,8 @@ def _overrides(a: dict) -> list[str]:
         f"census.uri={a['census']}",
         f"hvg.top_n_hvg={a['hvg']}",
         f"model.n_hidden={a['hidden']}",
+        f"model.n_layers={a.get('layers', 1)}",
+        f"model.n_latent={a.get('latent', 10)}",
         f"train.max_epochs={a['epochs']}",
         f"train.batch_size={a['batch_size']}",
         "train.accelerator=cpu",
@@ -95,7 +97,13 @@ def child(a: dict) -> dict:
         adata = anndata.read_h5ad(run / "prepare/anndata_model.h5ad")
         scvi.settings.seed = 0
         scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
-        model = scvi.model.SCVI(adata, n_hidden=a["hidden"], n_latent=10, gene_likelihood="nb")
+        model = scvi.model.SCVI(
+            adata,
+            n_hidden=a["hidden"],
+            n_layers=a.get("layers", 1),
+            n_latent=a.get("latent", 10),
+            gene_likelihood="nb",
+        )
         model.train(
             max_epochs=a["epochs"],
             accelerator="cpu",
@@ -197,7 +205,13 @@ def profile(a: dict, steps: int = 15) -> str:
     torch.set_num_threads(a["threads"])
     adata = anndata.read_h5ad(Path(a["run"]) / "prepare/anndata_model.h5ad")
     scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
-    model = scvi.model.SCVI(adata, n_hidden=a["hidden"], n_latent=10, gene_likelihood="nb")
+    model = scvi.model.SCVI(
+        adata,
+        n_hidden=a["hidden"],
+        n_layers=a.get("layers", 1),
+        n_latent=a.get("latent", 10),
+        gene_likelihood="nb",
+    )
     dl = model._make_data_loader(adata, batch_size=a["batch_size"], shuffle=True)
     opt = torch.optim.Adam(model.module.parameters(), lr=1e-3, eps=0.01)
     model.module.train()
@@ -339,6 +353,8 @@ def main() -> None:
     p.add_argument("--genes", type=int, default=4_000)
     p.add_argument("--hvg", type=int, nargs="+", default=[2000])
     p.add_argument("--hidden", type=int, nargs="+", default=[128, 512])
+    p.add_argument("--layers", type=int, default=1, help="model.n_layers (the issue's shape: 2)")
+    p.add_argument("--latent", type=int, default=10, help="model.n_latent (the issue's shape: 50)")
     p.add_argument("--epochs", type=int, default=2, help="the first is not timed")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--io-batch", type=int, default=16_384, help="I/O batch (cells), both modes")
@@ -388,6 +404,8 @@ def main() -> None:
             "io_batch": args.io_batch,
             "chunk": args.chunk,
             "threads": args.threads,
+            "layers": args.layers,
+            "latent": args.latent,
         }
         run = work / f"run-hvg{hvg}"
         prepare(str(census), run, {**base, "hidden": 128})
