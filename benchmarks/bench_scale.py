@@ -107,6 +107,7 @@ def run_size(args: argparse.Namespace, n: int) -> dict:
         if stage == "train" and args.model_from:
             # embed, evaluate and map need a model over the census's genes, not one trained on
             # these very cells: a smaller size's model saves the largest stage's hour
+            shutil.rmtree(run_dir / "train", ignore_errors=True)  # e.g. a stopped training's
             shutil.copytree(Path(args.model_from) / "train", run_dir / "train")
             out["train"] = {"reused": str(args.model_from)}
             continue
