@@ -513,3 +513,28 @@ def test_stream_mode_model_matches_memory_registry(prepared, tmp_path, mini_cens
         h_mem["elbo_validation"].iloc[-1], rel=0.05
     )
     assert h_str["elbo_train"].iloc[-1] < h_str["elbo_train"].iloc[0]
+
+
+def test_stream_inputs_check_every_cell_against_the_census(prepared, tmp_path, mini_census):
+    """Codes and categories equal the string path's; a wrong label or a missing cell is named."""
+    from census_scvi.train._inputs import stream_inputs
+
+    cfg = _cfg(mini_census, "train.mode=stream")
+    run = _run_dir(prepared, tmp_path)
+    cells = pd.read_parquet(run / "prepare/cells.parquet")
+    inputs = stream_inputs(cfg, run / "prepare")
+    labels = cells["batch"].astype(str).to_numpy()
+    assert inputs.categories == sorted(set(labels))
+    assert np.array_equal(np.asarray(inputs.categories, dtype=object)[inputs.cell_codes], labels)
+    assert np.array_equal(inputs.cell_joinids, cells["soma_joinid"].to_numpy())
+
+    wrong = cells.copy()
+    wrong.loc[[3, 7], "batch"] = "not//a//real//label"
+    wrong.to_parquet(run / "prepare/cells.parquet", index=False)
+    with pytest.raises(CensusScviError, match=r"'not//a//real//label' of cell 3 .*2 cells differ"):
+        stream_inputs(cfg, run / "prepare")
+    gone = cells.copy()
+    gone.loc[0, "soma_joinid"] = 10**9
+    gone.to_parquet(run / "prepare/cells.parquet", index=False)
+    with pytest.raises(CensusScviError, match="not in the census obs"):
+        stream_inputs(cfg, run / "prepare")
