@@ -287,8 +287,15 @@ def _counts_in_support(x: Tensor, nz: _Nonzeros) -> bool:
     )
 
 
+@torch.compiler.disable
 def fast_log_prob_sum(px: Any, x: Tensor) -> Tensor | None:
     """``px.log_prob(x).sum(-1)`` by the fast sums, or None where they do not apply.
+
+    Never traced by ``torch.compile`` (``training_plan.compile``): its sums run over the
+    batch's non-zeros, whose number changes with every batch, so a traced version recompiled
+    for each new count until dynamo gave up (a tiny case had not finished its warm-up after
+    5 minutes); left out, it runs eagerly between the compiled encoder/decoder graphs
+    (``benchmarks/bench_compile.py``).
 
     They apply to scvi-tools' own ``NegativeBinomial``, ``ZeroInflatedNegativeBinomial`` and
     ``Poisson`` (exact types, no subclass) on CPU, for one dense floating-point (cells, genes)
