@@ -150,7 +150,7 @@ def report(results: list[dict]) -> str:
         for r in results:
             f = r.get(stage, {})
             if "wall_s" not in f:
-                cells.append("reused")
+                cells.append("reused" if f.get("reused") else "-")
                 continue
             m = 1.0 if stage == "map" else r["cells"] / 1e6  # map: a fixed query, seconds
             unit = "s" if stage == "map" else "s/M"
@@ -207,11 +207,13 @@ def projection(results: list[dict], cells: int = CENSUS_CELLS) -> str:
         rss, disk = _fit(results, stage, "peak_rss"), _fit(results, stage, "disk_bytes")
         if wall is None or cpu is None or rss is None:
             continue
-        n = 1 if stage == "map" else cells  # map's query has a fixed size
-        hours = (wall[0] + wall[1] * n) / 3600
-        core_h = (cpu[0] + cpu[1] * n) / 3600
-        peak = (rss[0] + rss[1] * cells) / 2**30
-        gib = (disk[0] + disk[1] * n) / 2**30 if disk else float("nan")
+        # never below the largest size's figure: a stage whose cost is mostly fixed (evaluate's
+        # sample, map's query) fits a falling line that would project below zero
+        last = [r[stage] for r in results if "wall_s" in r.get(stage, {})][-1]
+        hours = max(wall[0] + wall[1] * cells, last["wall_s"]) / 3600
+        core_h = max(cpu[0] + cpu[1] * cells, last["cpu_s"]) / 3600
+        peak = max(rss[0] + rss[1] * cells, last["peak_rss"]) / 2**30
+        gib = max(disk[0] + disk[1] * cells, last["disk_bytes"]) / 2**30 if disk else float("nan")
         lines.append(
             f"| {stage} | {hours:,.1f} h | {core_h:,.1f} | {peak:,.2f} GiB | {rss[1]:,.1f} | "
             f"{gib:,.1f} GiB |"
