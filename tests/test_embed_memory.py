@@ -29,26 +29,60 @@ def _genes(experiment, n: int = 50) -> list[str]:
     return list(var["feature_id"].astype(str))[:: max(1, len(var) // n)]
 
 
-def test_count_reads_leave_no_garbage_cycles(experiment):
-    """tiledbsoma's read-ahead leaves each read's buffers in reference cycles; iter_blocks
-    collects them when a read ends, so they never pile up chunk after chunk."""
+def _dense_counts(experiment, ids, var_joinids):
+    """The oracle: every stored value of X, as a dense numpy array of ids x var_joinids."""
+    t = experiment.ms["RNA"].X["raw"].read().tables().concat()
+    full = np.zeros((experiment.obs.count, experiment.ms["RNA"].var.count), dtype=np.float32)
+    full[t["soma_dim_0"].to_numpy(), t["soma_dim_1"].to_numpy()] = t["soma_data"].to_numpy()
+    out = np.zeros((len(ids), len(var_joinids)), dtype=np.float32)
+    present = var_joinids >= 0
+    out[:, present] = full[np.ix_(ids, var_joinids[present])]
+    return out
+
+
+@pytest.mark.parametrize("step", [1, 7])  # a range of cell ids, and sparse ids (point reads)
+def test_count_blocks_equal_dense_counts_with_a_missing_gene(experiment, step):
+    """iter_blocks gives the model's genes in model order (an absent gene as zeros) for the
+    cells asked, in their order, in blocks of block_rows, and leaves no read-ahead garbage."""
     from census_scvi.embed._io import iter_blocks, map_genes
 
-    genes = map_genes(experiment, _genes(experiment))
-    x = experiment.ms["RNA"].X["raw"]
-    ids = np.arange(3000, dtype=np.int64)
+    genes = _genes(experiment)[::-1]  # model order is not the census order
+    genes.insert(3, "ENSG_NOT_IN_CENSUS")
+    gmap = map_genes(experiment, genes)
+    ids = np.arange(0, 1500 * step, step, dtype=np.int64)[:1500]
+    ids = ids[ids < experiment.obs.count]
     gc.collect()
-    gc.disable()  # only our own collection may run
+    blocks = list(iter_blocks(experiment.ms["RNA"].X["raw"], ids, gmap, block_rows=400))
+    assert len(ids) > 400
+    assert [b.shape[0] for b in blocks] == [min(400, len(ids) - s) for s in range(0, len(ids), 400)]
+    got = np.vstack([b.toarray() for b in blocks])
+    var = experiment.ms["RNA"].var.read(column_names=["soma_joinid", "feature_id"]).concat()
+    where = dict(zip(var["feature_id"].to_pylist(), var["soma_joinid"].to_pylist(), strict=True))
+    want = _dense_counts(experiment, ids, np.array([where.get(g, -1) for g in genes]))
+    assert want[:, 3].sum() == 0 and want.sum() > 0
+    np.testing.assert_array_equal(got, want)
+    assert not [o for o in gc.get_objects() if type(o).__name__ == "EagerIterator"]
+
+
+def test_lean_allocators_turn_off_numpy_huge_pages_unless_kept(monkeypatch):
+    """Stages turn numpy's huge-page advice off (seconds of system CPU per count block);
+    CENSUS_SCVI_DEFAULT_ALLOCATORS=1 keeps numpy's default."""
+    import numpy._core.multiarray as multiarray
+
+    from census_scvi import _allocators
+
+    before = multiarray._get_madvise_hugepage()
     try:
-        for start in range(0, 3000, 750):
-            rows = sum(
-                m.shape[0] for m in iter_blocks(x, ids[start : start + 750], genes, block_rows=200)
-            )
-            assert rows == 750
-            left = [o for o in gc.get_objects() if type(o).__name__ == "EagerIterator"]
-            assert left == [], f"{len(left)} read-ahead iterators still alive after a read"
+        multiarray._set_madvise_hugepage(True)
+        monkeypatch.setattr(_allocators, "_done", False)
+        monkeypatch.setenv(_allocators.KEEP_ENV, "1")
+        _allocators.use_lean_allocators()
+        assert multiarray._get_madvise_hugepage() is True
+        monkeypatch.delenv(_allocators.KEEP_ENV)
+        _allocators.use_lean_allocators()
+        assert multiarray._get_madvise_hugepage() is False
     finally:
-        gc.enable()
+        multiarray._set_madvise_hugepage(before)
 
 
 def test_rows_batch_codes_equal_labels(experiment, mini_census):

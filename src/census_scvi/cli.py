@@ -66,7 +66,10 @@ def _main(
     ] = False,
 ) -> None:
     """census-scvi: scVI on the CELLxGENE Census, at any scale."""
+    from census_scvi._allocators import use_lean_allocators
     from census_scvi.progress import set_progress
+
+    use_lean_allocators()
 
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 0 or debug else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)

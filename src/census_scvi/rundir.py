@@ -423,6 +423,9 @@ def run_stage(
     without an error (never on error, so an interrupted stage is redone).
     """
 
+    from census_scvi._allocators import use_lean_allocators
+
+    use_lean_allocators()
     run_dir = Path(run_dir)
     sdir = stage_dir(run_dir, stage)
     with contextlib.ExitStack() as stack:

@@ -105,42 +105,29 @@ def iter_blocks(
     """Counts of ``obs_joinids`` x the model's genes, in row blocks of ``block_rows`` cells.
 
     Rows come in the order of ``obs_joinids`` (every cell, empty rows included), columns in
-    model order. tiledbsoma's blockwise reader does the reading (one block read ahead, in a
-    thread) and reindexes both axes to the positions of the coordinates we pass. Reading a whole
-    chunk at once costs several times its CSR size in TileDB buffers and Arrow tables, so memory
-    is bounded by ``block_rows``, not by the chunk size.
+    model order. The shared chunk reader (:func:`census_scvi.soma.iter_x_chunks`: a range of
+    cell ids, every gene, the next block read ahead on a thread) does the reading, and the
+    model's genes are kept here with a lookup array.
 
-    When the read ends, the garbage it leaves in reference cycles is collected: tiledbsoma 2.3's
-    read-ahead (``EagerIterator``, its ``Future`` and the ``StopIteration`` traceback that holds
-    the last frames) keeps the blocks' index arrays and CSR buffers alive in cycles that
-    Python's generational collector, counting objects rather than bytes, rarely reaches.
-    Measured on a 200k-cell mini census (2,000 genes, ~520 non-zeros per cell): ~100 MiB of such
-    garbage per 16,384-cell chunk, growing with every chunk (peak traced memory 98, 163, 261,
-    359 MiB over four chunks; flat at 131 MiB with the collection), which was the ~3 kB per
-    cell that embed's peak RSS grew by.
+    Why not tiledbsoma's blockwise reader with the genes as coordinates (what this did before):
+    a list of 8,000 gene points makes TileDB's cost per query grow with the array, not the
+    block. Measured on census-shape mini censuses (20,000 genes, ~2,000 values per cell),
+    8,192 cells x 8,000 genes per read: 2.3 s user + 3.5 s sys at 250k cells, 4.6 s + 3.5 s
+    at 2M; a range read of every gene plus the mask here: 0.7 s + 0.45 s at both sizes
+    (``benchmarks/bench_embed_read.py``). That was embed's
+    CPU per cell growing 365 -> 505 -> 692 s per million cells between 250k and 2M.
     """
-    import gc
-
     import scipy.sparse as sp
 
-    read = x.read(coords=(obs_joinids, genes.read_joinids))
-    try:
-        for block, (rows, _cols) in read.blockwise(axis=0, size=block_rows, eager=True).scipy():
-            m = sp.csr_matrix(block, dtype=np.float32)
-            del block
-            if len(rows) != m.shape[0]:  # pragma: no cover - a tiledbsoma contract
-                msg = "blockwise read returned an unexpected block"
-                raise RuntimeError(msg)
-            if genes.present.all():
-                yield m
-                continue
-            # scatter the read genes into the model's columns; absent genes stay zero
-            coo = m.tocoo()
-            yield sp.csr_matrix(
-                (coo.data, (coo.row, genes.columns[coo.col])),
-                shape=(m.shape[0], genes.n_genes),
-                dtype=np.float32,
-            )
-    finally:
-        del read
-        gc.collect()
+    from census_scvi.soma import iter_x_chunks
+
+    n = len(obs_joinids)
+    blocks = [slice(s, min(s + block_rows, n)) for s in range(0, n, block_rows)]
+    column = np.full(int(genes.read_joinids.max()) + 1, -1, dtype=np.int64)
+    column[genes.read_joinids] = genes.columns
+    for chunk in iter_x_chunks(x, obs_joinids, blocks, var_joinids=genes.read_joinids):
+        yield sp.csr_matrix(
+            (chunk.data, (chunk.rows - chunk.row_start, column[chunk.cols])),
+            shape=(chunk.n_rows, genes.n_genes),
+            dtype=np.float32,
+        )

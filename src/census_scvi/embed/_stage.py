@@ -81,6 +81,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _GIB = 1024**3
+#: TileDB read buffer per column while reading counts (blocks are io_block_size cells anyway).
+READ_BUFFER_BYTES = 64 * 1024**2
 #: A rough size of one cell's obs row in the minified model (for the disk-full message only).
 _OBS_BYTES_PER_CELL = 64
 
@@ -303,12 +305,14 @@ def _embed(
     force: bool,
 ) -> EmbedResult:
     """Embed (or merge) the chunks; when they are all done, write the outputs and record them."""
-    from census_scvi.soma import get_experiment, open_census
+    from census_scvi.soma import get_experiment, open_census, tiledb_read_config
 
     store = EmbedStore(stage.dir)
     result = EmbedResult(run_dir=stage.run_dir, shard=shard, merged=merge)
     fingerprint = _fingerprint(config, stage.manifest.inputs)
-    with open_census(config) as census:
+    # capped read buffers: TileDB's defaults (1 GiB buffers, a 10 GiB budget) keep what they
+    # decompress, which grows with the census (as evaluate measured, evaluate/_stage.py)
+    with open_census(config, tiledb_config=tiledb_read_config(READ_BUFFER_BYTES)) as census:
         experiment = get_experiment(census, config.census.organism)
         if merge:
             plan = _plan_to_merge(store, fingerprint)

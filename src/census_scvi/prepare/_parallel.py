@@ -77,10 +77,12 @@ def _group_sums(
     clip: npt.NDArray[np.float64] | None,
 ) -> Sums:
     """One worker: sums over its own group of chunks (rows relative to its joinid slice)."""
+    from census_scvi._allocators import use_lean_allocators
     from census_scvi.prepare._genes import _x_layer
     from census_scvi.prepare._hvg import moment_sums
     from census_scvi.soma import iter_x_chunks
 
+    use_lean_allocators()  # a spawned process starts with numpy's defaults
     with opener() as experiment:
         X = _x_layer(experiment)
         blocks = (
