@@ -1,5 +1,6 @@
 """Embed's count read: tiledbsoma's blockwise reader with the model genes as coordinates (what
-embed used before) vs the shared range reader (``census_scvi.embed._io.iter_blocks``), by census size.
+embed used before) vs the shared range reader (``census_scvi.embed._io.iter_blocks``), with numpy's
+default huge-page advice and with the stages' setting (``census_scvi._allocators``), by census size.
 
 For each census, reads ``--cells`` consecutive cells x ``--genes`` randomly chosen genes (the
 model's genes) at the start, middle and end of the cell ids, each read in its own child process
@@ -21,6 +22,7 @@ import json, resource, sys
 import numpy as np, scipy.sparse as sp, tiledbsoma as soma
 from census_scvi.embed._io import GeneMap, iter_blocks
 from census_scvi.soma import tiledb_read_config
+from census_scvi._allocators import use_lean_allocators
 
 uri, reader, where, cells, n_genes = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 ctx = soma.SOMATileDBContext(tiledb_config=tiledb_read_config(64 * 1024**2))
@@ -37,6 +39,8 @@ def blockwise():  # the reader embed used before
     for block, _ in read.blockwise(axis=0, size=8192, eager=True).scipy():
         yield sp.csr_matrix(block, dtype=np.float32)
 
+if reader == "range-lean":
+    use_lean_allocators()
 r0 = resource.getrusage(resource.RUSAGE_SELF)
 blocks = list(blockwise() if reader == "blockwise" else iter_blocks(X, ids, genes, block_rows=8192))
 r1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -68,15 +72,17 @@ def main() -> None:
     )
     for census in args.census:
         cpu = {}
-        for reader in ("blockwise", "range"):
+        for reader in ("blockwise", "range", "range-lean"):
             runs = [_child(census, reader, w, args.cells, args.genes) for w in (0.0, 0.5, 1.0)]
             per = 8192 / args.cells / len(runs)
             user, sys_ = sum(r["user"] for r in runs) * per, sum(r["sys"] for r in runs) * per
             cpu[reader] = (user + sys_, [(r["nnz"], round(r["digest"], 1)) for r in runs])
             print(f"{census} | {reader} | {user:.2f} | {sys_:.2f} |", flush=True)
-        if cpu["blockwise"][1] != cpu["range"][1]:
-            raise SystemExit(f"the readers disagree: {cpu['blockwise'][1]} vs {cpu['range'][1]}")
-        print(f"{census} | ratio | | | {cpu['blockwise'][0] / cpu['range'][0]:.2f}x", flush=True)
+        for reader in ("range", "range-lean"):
+            if cpu["blockwise"][1] != cpu[reader][1]:
+                raise SystemExit(f"{reader} disagrees: {cpu['blockwise'][1]} vs {cpu[reader][1]}")
+            ratio = cpu["blockwise"][0] / cpu[reader][0]
+            print(f"{census} | blockwise / {reader} | | | {ratio:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ def run_size(args: argparse.Namespace, n: int) -> dict:
     sets = [
         "--set", "train.mode=stream", "--set", "train.max_epochs=1",
         "--set", f"hvg.top_n_hvg={args.hvg}", "--set", f"evaluate.sample_size={args.sample}",
+        *[x for kv in args.sets for x in ("--set", kv)],
     ]  # fmt: skip
     out: dict = {"cells": n, "demo-data": demo}
     for stage in stages:
@@ -274,6 +275,8 @@ def main() -> None:
         nargs="+",
         help="print the tables of saved runs (merged by size, later files win)",
     )
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="another config override for every stage (repeatable)")  # fmt: skip
     p.add_argument("--png", default="docs/scale.png")
     p.add_argument("--json", default="docs/scale.json")
     args = p.parse_args()

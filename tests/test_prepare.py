@@ -427,3 +427,24 @@ def test_iter_x_chunks_reads_exactly_the_selection(census, every):
                 mask[var] = True
                 want = want.multiply(mask[None, :]).tocsr()
             assert (got.tocsr() != want).nnz == 0
+
+
+def test_cells_table_written_in_row_groups_equals_the_frame(tmp_path):
+    """cells.parquet is written a row group at a time (labels become strings per group); the
+    file is the same table as the whole frame: int64 ids, string labels, in order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from census_scvi.prepare._io import write_cells
+
+    labels = np.array(["a//x", "b//y", "c//z"], dtype=object)
+    codes = np.array([2, 0, 1, 1, 0, 2, 2, 0, 1, 0], dtype=np.int32)
+    joinids = np.arange(10, dtype=np.int64) * 7
+    path = tmp_path / "cells.parquet"
+    write_cells(path, joinids, codes, labels, columns=("soma_joinid", "batch"), rows_per_group=3)
+    f = pq.ParquetFile(path)
+    assert f.num_row_groups == 4
+    assert f.schema_arrow.field("batch").type == pa.string()
+    assert f.schema_arrow.field("soma_joinid").type == pa.int64()
+    want = pd.DataFrame({"soma_joinid": joinids, "batch": labels[codes]})
+    pd.testing.assert_frame_equal(pd.read_parquet(path), want)

@@ -13,9 +13,42 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["write_csr_h5ad"]
+__all__ = ["write_cells", "write_csr_h5ad"]
+
+#: Rows per row group of cells.parquet: the labels become strings one group at a time.
+CELLS_ROW_GROUP = 1 << 20
 
 logger = logging.getLogger(__name__)
+
+
+def write_cells(
+    path: Path,
+    joinids: npt.NDArray[np.int64],
+    codes: npt.NDArray[np.integer],
+    labels: npt.NDArray[np.object_],
+    *,
+    columns: tuple[str, str],
+    rows_per_group: int = CELLS_ROW_GROUP,
+) -> None:
+    """Write cells.parquet (``soma_joinid`` int64, the batch label as a string) in row groups.
+
+    The label strings exist one row group at a time (``labels[codes]`` per group), never one
+    string object per cell for all cells: that pandas frame was ~360 bytes per cell at the end of
+    prepare (the 1M -> 2M growth of its peak RSS).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(columns[0], pa.int64()), (columns[1], pa.string())])
+    names = np.asarray(labels, dtype=object)
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, max(len(joinids), 1), rows_per_group):
+            sl = slice(start, start + rows_per_group)
+            group = pa.table(
+                [pa.array(joinids[sl], pa.int64()), pa.array(names[codes[sl]], pa.string())],
+                schema=schema,
+            )
+            writer.write_table(group)
 
 
 def write_csr_h5ad(

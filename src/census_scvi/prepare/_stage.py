@@ -47,6 +47,7 @@ from census_scvi.constants import (
 )
 from census_scvi.errors import CensusScviError
 from census_scvi.prepare._genes import _chunks_for, _n_rows, _x_layer, highly_variable_genes
+from census_scvi.prepare._io import write_cells
 from census_scvi.prepare._parallel import ExperimentOpener
 from census_scvi.progress import track
 from census_scvi.rundir import atomic_path, peak_rss_bytes, run_stage
@@ -475,9 +476,8 @@ def _prepare(config: Config, *, run_dir: Path, outputs: dict[str, Path]) -> Prep
         )
         with atomic_path(outputs["hvg"]) as tmp:
             hvg.to_parquet(tmp, index=False)
-        cells = pd.DataFrame({SOMA_JOINID: joinids, BATCH_KEY: obs[BATCH_KEY].astype(str)})
         with atomic_path(outputs["cells"]) as tmp:
-            cells.to_parquet(tmp, index=False)
+            write_cells(tmp, joinids, codes, labels, columns=(SOMA_JOINID, BATCH_KEY))
         if "hv_genes_pkl" in outputs:
             # the original pipeline's artifact (a pickled pandas Index of var soma_joinids);
             # written for old tools only, never read back by census-scvi
