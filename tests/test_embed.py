@@ -221,6 +221,65 @@ def test_minified_model_loads_with_latent_and_no_counts(embedded):
     np.testing.assert_allclose(model.adata.obs["observed_lib_size"], libs)
 
 
+def _in_memory_minified(mini_census, run_dir: Path, out: Path) -> None:
+    """The oracle: scvi-tools' minified model built from the whole AnnData in memory (what
+    embed did before it wrote the h5ad a block of cells at a time)."""
+    import pandas as pd
+    import tiledbsoma as soma
+
+    from census_scvi.batches import batch_codes
+    from census_scvi.scvi_model import save_minified_model
+
+    latent, var = (
+        np.load(run_dir / "embed" / LATENT_FILE),
+        np.load(run_dir / "embed" / LATENT_VAR_FILE),
+    )
+    libs = np.load(run_dir / "embed" / "latent-libsize.npy")
+    with soma.open(f"{mini_census}/census_data/homo_sapiens") as exp:
+        obs = exp.obs.read().concat().to_pandas()
+    codes, names = batch_codes(obs, BATCH_PARTS, "//")
+    labels = pd.Categorical.from_codes(codes, categories=pd.Index(names.astype(str)))
+    obs.index = obs["soma_joinid"].astype(str).to_numpy()
+    save_minified_model(
+        run_dir / "train" / "scvi.model", out, obs=obs, batch_labels=labels,
+        qz_mean=latent, qz_var=var, library_size=libs, seed=0, accelerator="cpu",
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_minified_model_written_in_blocks_equals_the_in_memory_one(mini_census, embedded, tmp_path):
+    """The block-by-block h5ad (a template model on one cell per batch, then every per-cell
+    dataset rewritten) loads in scvi-tools exactly as the whole-AnnData minified model: obs
+    values, batch registry (new batches included), latent, library size, weights."""
+    import scvi
+    import torch
+
+    run_dir, _ = embedded
+    want_dir = tmp_path / "in-memory"
+    _in_memory_minified(mini_census, run_dir, want_dir)
+    got = scvi.model.SCVI.load(str(run_dir / "embed" / MINIFIED_MODEL_DIR))
+    want = scvi.model.SCVI.load(str(want_dir))
+    assert got.minified_data_type == want.minified_data_type == "latent_posterior_parameters"
+    g, w = got.adata, want.adata
+    assert g.shape == w.shape and g.X.nnz == 0
+    assert list(g.obs_names) == list(w.obs_names)
+    assert list(g.obs.columns) == list(w.obs.columns)
+    for c in w.obs.columns:
+        a, b = g.obs[c].to_numpy(), w.obs[c].to_numpy()
+        if b.dtype.kind in "fiub":
+            np.testing.assert_array_equal(a, b, err_msg=c)
+        else:
+            assert (a.astype(str) == b.astype(str)).all(), c
+    for k in w.obsm:
+        np.testing.assert_array_equal(g.obsm[k], w.obsm[k])
+    reg = [m.adata_manager.get_state_registry("batch")["categorical_mapping"] for m in (got, want)]
+    np.testing.assert_array_equal(reg[0], reg[1])
+    assert len(reg[0]) > len(TRAIN_DATASETS)  # batches new to the model were added
+    for k, v in want.module.state_dict().items():
+        torch.testing.assert_close(got.module.state_dict()[k], v, msg=k)
+    np.testing.assert_array_equal(got.get_latent_representation(), want.get_latent_representation())
+
+
 @pytest.mark.slow
 def test_skip_force_and_obs_query(mini_census, model_run, embedded, tmp_path):
     run_dir, _ = embedded

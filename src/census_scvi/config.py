@@ -386,8 +386,8 @@ class EmbedConfig(_Section):
     )
     write_minified_model: bool = Field(
         True,
-        description="write embed/final_scvi_optimized/ (held in memory whole: ~500 bytes per "
-        "cell with the Census obs; false skips it)",
+        description="write embed/final_scvi_optimized/ (written a block of cells at a time; "
+        "its adata.h5ad holds every cell's obs: false skips it)",
     )
     minified_obs_columns: list[str] | None = Field(
         None,

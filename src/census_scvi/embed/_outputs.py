@@ -2,16 +2,12 @@
 ``embedding.soma`` and the minified model, all from the memory-mapped arrays.
 
 Memory: ``embedding.soma`` is streamed from the memory maps in blocks of rows
-(:func:`~census_scvi.embed._embedding.write_embedding_soma`), a fixed cost. The minified model is
-an AnnData that scvi-tools holds in memory whole, by design: for every cell its obs row, its
-batch, the posterior mean and variance and the library size. We hand it the obs with categories
-as codes (the Census obs: ~140 bytes per cell, most of it the ``observation_joinid`` string and
-the str ``soma_joinid`` index AnnData needs), the batch as a Categorical (not a string per cell)
-and the latent as memory maps; scvi-tools' ``minify_adata`` then copies obs and latent once more.
-Measured (``benchmarks/bench_embed.py --profile``, 50k vs 200k cells, n_latent 10): ~480
-bytes per cell of traced memory for the minified step (reading the obs ~200, scvi-tools'
-AnnData, its minify copy and the h5ad write ~280), i.e. ~48 GB at the 99.6M-cell Census, the one
-per-cell cost left in embed (the rest is ~16 bytes per cell: joinid and batch code). Two switches:
+(:func:`~census_scvi.embed._embedding.write_embedding_soma`), a fixed cost. The minified model
+is written a block of cells at a time (:mod:`census_scvi.embed._minified`): scvi-tools builds
+it for one cell per batch label, and every per-cell dataset of its h5ad is then rewritten for
+all cells from the census obs (read in blocks) and the memory maps. Per cell, embed holds the
+joinid and the batch code (12 bytes). Before, scvi-tools' AnnData of every cell was held whole
+(~480 bytes per cell of traced memory, ~48 GB at the 99.6M-cell Census).
 ``embed.minified_obs_columns`` keeps fewer obs columns; ``embed.write_minified_model: false``
 skips the minified model (the latent arrays and ``embedding.soma`` hold the same latent).
 """
@@ -35,9 +31,9 @@ from census_scvi.embed._embedding import (
     write_meta_yml,
 )
 from census_scvi.embed._io import select_cells
+from census_scvi.embed._minified import MinifiedSource, write_minified_model
 from census_scvi.errors import CensusScviError
 from census_scvi.rundir import atomic_path
-from census_scvi.scvi_model import save_minified_model
 
 if TYPE_CHECKING:
     from census_scvi.config import Config
@@ -106,31 +102,33 @@ def write_outputs(
 
 
 def _write_minified_model(config: Config, experiment: Any, mdir: Path, store: EmbedStore) -> None:
-    """``final_scvi_optimized/``: the query model with every cell's obs and latent, no counts."""
-    import pandas as pd
-
+    """``final_scvi_optimized/``: the query model with every cell's obs and latent, no counts,
+    written a block of cells at a time (:mod:`census_scvi.embed._minified`)."""
     from census_scvi.batches import batch_codes
 
     latent, latent_var, libsize = store.open_outputs("r")
-    obs = select_cells(experiment, config.census.obs_query, _obs_columns(config, experiment))
-    if not np.array_equal(obs[SOMA_JOINID].to_numpy(), store.joinids()):
+    keys = list(config.anndata.batch_key)
+    obs = select_cells(experiment, config.census.obs_query, keys)
+    joinids = obs[SOMA_JOINID].to_numpy(dtype=np.int64)
+    if not np.array_equal(joinids, store.joinids()):
         msg = "the census's cells changed since embedding (obs_query selects other cells)"
         raise CensusScviError(msg, hint="rerun with --force")
     # the batch of each cell as codes into its few labels, never one string per cell
-    codes, names = batch_codes(obs, config.anndata.batch_key, config.anndata.batch_key_separator)
-    labels = pd.Categorical.from_codes(codes, categories=pd.Index(names.astype(str)))
-    obs.index = obs[SOMA_JOINID].astype(str).to_numpy()
+    codes, names = batch_codes(obs, keys, config.anndata.batch_key_separator)
+    del obs
+    source = MinifiedSource(
+        experiment,
+        _obs_columns(config, experiment),
+        joinids=joinids,
+        codes=codes,
+        names=names,
+        qz_mean=latent,
+        qz_var=latent_var,
+        library_size=libsize,
+    )
     with atomic_path(store.path(MINIFIED_MODEL_DIR)) as tmp:
-        save_minified_model(
-            mdir,
-            tmp,
-            obs=obs,
-            batch_labels=labels,
-            qz_mean=latent,
-            qz_var=latent_var,
-            library_size=libsize,
-            seed=config.train.seed,
-            accelerator=config.embed.accelerator,
+        write_minified_model(
+            mdir, tmp, source, seed=config.train.seed, accelerator=config.embed.accelerator
         )
 
 
