@@ -1,7 +1,8 @@
 """Scale benchmark: the whole pipeline at several census sizes, each stage in its own process.
 
 For each size N it builds (or reuses) a mini census of N human cells, then runs
-``prepare`` (stream mode: no h5ad), ``train`` (1 epoch, stream), ``embed``, ``evaluate`` (a
+``prepare`` (stream mode: no h5ad), ``train`` (1 epoch, stream), ``embed``, ``index`` (the
+nearest-cell index over every embedded cell, so that ``map`` searches it), ``evaluate`` (a
 sample) and ``map`` (a query of ``--query-cells`` cells cut from the census) as separate
 ``census-scvi`` processes under ``/usr/bin/time``, recording wall time, CPU time (user + sys),
 peak RSS and the bytes the stage left in its folder. It prints, per stage, seconds per million
@@ -27,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("prepare", "train", "embed", "evaluate", "map")
+STAGES = ("prepare", "train", "embed", "index", "evaluate", "map")
 BIN = Path(sys.executable).with_name("census-scvi")
 
 
