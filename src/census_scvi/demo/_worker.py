@@ -33,6 +33,9 @@ def _save_result(result: TaskResult, path: Path) -> None:
 
 def main(argv: list[str]) -> None:
     """Run the tasks of ``argv[0]`` (a JSON list), saving ``argv[1]/result-<index>.npz`` each."""
+    from census_scvi._allocators import use_lean_allocators
+
+    use_lean_allocators()  # a fresh interpreter: numpy's defaults until set here
     spec, out_dir = Path(argv[0]), Path(argv[1])
     for item in json.loads(spec.read_text()):
         index = item.pop("index")
