@@ -309,6 +309,11 @@ class TrainConfig(_Section):
         description="also checkpoint when this many minutes passed since the last checkpoint "
         "(whichever of this and checkpoint_every_n_epochs comes first); null: by epochs only",
     )
+    fused_optimizer: bool = Field(
+        True,
+        description="Adam/AdamW with torch's fused kernel (the same update, one pass per "
+        "parameter; on CPU or CUDA); false: scvi-tools' default (torch's foreach kernel)",
+    )
     fast_likelihood: bool = Field(
         True,
         description="train with census-scvi's same-math negative-binomial / ZINB likelihood "

@@ -34,6 +34,8 @@ __all__ = [
     "memory_loader_kwargs",
     "registry_adata",
     "scvi_model_kwargs",
+    "FusedOptimizer",
+    "fused_plan_kwargs",
     "scvi_plan_kwargs",
 ]
 
@@ -72,6 +74,41 @@ def scvi_model_kwargs(model: ModelConfig) -> dict[str, Any]:
 def scvi_plan_kwargs(plan: TrainingPlanConfig) -> dict[str, Any]:
     """``plan_kwargs`` for scvi-tools' ``TrainingPlan``: every ``training_plan`` key, as is."""
     return plan.model_dump()
+
+
+class FusedOptimizer:
+    """scvi-tools' ``optimizer_creator`` for its Adam/AdamW with ``fused=True``.
+
+    The same update as scvi-tools' own creator (same lr, eps, weight decay), computed by torch's
+    fused kernel: one pass per parameter instead of the foreach kernel's several. Measured on 2
+    busy CPU cores, one optimizer step of scVI over 8000 genes (n_layers 2, n_latent 50):
+    n_hidden 512 (17.0M parameters) 630 -> 89 ms, n_hidden 128 (4.2M) 49 -> 15 ms
+    (``benchmarks/bench_optimizer.py``). A class, not a lambda: Lightning's
+    checkpoints and DDP's spawned ranks pickle it.
+    """
+
+    def __init__(self, name: str, lr: float, eps: float, weight_decay: float) -> None:
+        self.name, self.lr, self.eps, self.weight_decay = name, lr, eps, weight_decay
+
+    def __call__(self, params: Any) -> Any:
+        import torch
+
+        cls = torch.optim.AdamW if self.name == "AdamW" else torch.optim.Adam
+        return cls(params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, fused=True)
+
+
+def fused_plan_kwargs(kwargs: dict[str, Any], accelerator: str) -> dict[str, Any]:
+    """``plan_kwargs`` with Adam/AdamW made fused (:class:`FusedOptimizer`) on CPU or CUDA."""
+    if kwargs.get("optimizer") not in ("Adam", "AdamW") or accelerator not in (
+        "cpu",
+        "gpu",
+        "cuda",
+    ):
+        return kwargs
+    creator = FusedOptimizer(
+        kwargs["optimizer"], kwargs["lr"], kwargs["eps"], kwargs["weight_decay"]
+    )
+    return {**kwargs, "optimizer": "Custom", "optimizer_creator": creator}
 
 
 def registry_adata(inputs: TrainInputs) -> anndata.AnnData:

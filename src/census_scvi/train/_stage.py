@@ -71,6 +71,7 @@ from census_scvi.train._inputs import CELLS_FILE, TrainInputs, read_inputs
 from census_scvi.train._model import (
     build_model,
     distribution_checks_off,
+    fused_plan_kwargs,
     memory_loader_kwargs,
     scvi_model_kwargs,
     scvi_plan_kwargs,
@@ -421,7 +422,7 @@ def _trainer_kwargs(
         "early_stopping_monitor": t.early_stopping_monitor,
         "early_stopping_min_delta": t.early_stopping_min_delta,
         "check_val_every_n_epoch": 1,
-        "plan_kwargs": scvi_plan_kwargs(config.training_plan),
+        "plan_kwargs": _plan_kwargs(config, devices.accelerator),
         "callbacks": callbacks,
         "logger": [
             SimpleLogger(),
@@ -442,6 +443,12 @@ def _trainer_kwargs(
             num_workers, distributed=devices.distributed
         )
     return kwargs
+
+
+def _plan_kwargs(config: Config, accelerator: str) -> dict[str, Any]:
+    """The ``training_plan`` keys for scvi-tools, Adam/AdamW fused unless turned off."""
+    kwargs = scvi_plan_kwargs(config.training_plan)
+    return fused_plan_kwargs(kwargs, accelerator) if config.train.fused_optimizer else kwargs
 
 
 def _train(model: Any, kwargs: dict[str, Any], guard: NonFiniteLossGuard) -> None:

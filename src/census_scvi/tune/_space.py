@@ -59,6 +59,7 @@ _NOT_SEARCHED = {
     "train.num_workers": "data loading, not a model choice",
     "train.checkpoint_every_n_epochs": "bookkeeping, not a model choice",
     "train.checkpoint_every_minutes": "bookkeeping, not a model choice",
+    "train.fused_optimizer": "the same update computed faster, not a model choice",
 }
 
 _RANGE_KEYS = frozenset({"low", "high", "log", "step"})
