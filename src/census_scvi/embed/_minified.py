@@ -32,6 +32,7 @@ import numpy.typing as npt
 
 from census_scvi.constants import SOMA_JOINID
 from census_scvi.errors import CensusScviError
+from census_scvi.progress import track
 
 if TYPE_CHECKING:
     import h5py
@@ -159,8 +160,14 @@ class _Writer:
         self._new_dataset(obs, index, None, _STRING_ATTRS)
         for c in order:
             handlers[c].create()
-        for start in range(0, self.n, self.block):
-            sl = slice(start, min(start + self.block, self.n))
+        blocks = [slice(s, min(s + self.block, self.n)) for s in range(0, self.n, self.block)]
+        for sl in track(
+            blocks,
+            description="writing the minified model",
+            total=self.n,
+            weight=lambda b: b.stop - b.start,
+            unit="cells",
+        ):
             frame = self.source.obs(sl)
             obs[index][sl] = frame.index.to_numpy(dtype=object)
             for c in order:
