@@ -46,6 +46,19 @@ def test_bundled_census_config_is_the_seed():
     assert a == b
 
 
+def test_atlas_preset_is_the_census_layout_with_the_tuned_model():
+    """configs/atlas.yaml keeps the seed config's cells, genes and batch label and changes only
+    model, training_plan and train (the values docs/tuning.md documents)."""
+    atlas = load_config(REPO / "configs" / "atlas.yaml")
+    seed = load_config(REPO / "configs" / "census.yaml")
+    for section in ("census", "hvg", "anndata"):
+        assert getattr(atlas, section) == getattr(seed, section), section
+    assert atlas.model != seed.model and atlas.training_plan != seed.training_plan
+    doc = (REPO / "docs" / "tuning.md").read_text()
+    m = atlas.model
+    assert f"n_layers={m.n_layers}, n_hidden={m.n_hidden}, n_latent={m.n_latent}" in doc
+
+
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
