@@ -3,14 +3,15 @@
 numpy asks the kernel for transparent huge pages for every array over 4 MiB
 (``madvise(MADV_HUGEPAGE)``). Where huge pages are ``madvise`` with ``defrag`` ``madvise`` (the
 default of Ubuntu and most distributions), the first touch of such memory compacts memory
-synchronously, so each block's fresh arrays cost seconds of system CPU. pyarrow's default pool
-(mimalloc) does the same when it concatenates large tables, which is why the count readers
+synchronously, so each block's fresh arrays cost seconds of system CPU. Concatenating large
+tables in pyarrow's default pool (mimalloc) was as costly, which is why the count readers
 concatenate in numpy (:mod:`census_scvi.soma._x`).
 
-Measured on a census-shape mini census (2M cells, 20,000 genes): one read of 16,384 cells (every
-gene, then a gene mask and a CSR matrix) cost 0.85 s user + 10.7 s system CPU with the defaults,
-0.85 s + 1.4 s with numpy's huge-page advice off and the concatenation in numpy
-(``benchmarks/bench_embed_read.py`` for the whole read; user time is unchanged).
+Measured on a census-shape mini census (2M cells, 20,000 genes), per read of 8,192 cells
+(every gene, a gene mask, a CSR matrix; ``benchmarks/bench_embed_read.py``, rows ``range`` and
+``range-lean``): 1.16 s user + 2.85 s system CPU with numpy's advice, 1.18 + 0.99 without. A
+probe of pyarrow's ``concat_tables`` + ``to_numpy`` of a 16,384-cell read spent ~7 s of system
+CPU in the pool; the concatenation in numpy ~0.3 s.
 Set ``CENSUS_SCVI_DEFAULT_ALLOCATORS=1`` to keep numpy's default.
 """
 
@@ -20,7 +21,7 @@ import os
 
 __all__ = ["KEEP_ENV", "use_lean_allocators"]
 
-#: Environment variable that keeps numpy's and pyarrow's default allocator settings.
+#: Environment variable that keeps numpy's default (huge-page advice on).
 KEEP_ENV = "CENSUS_SCVI_DEFAULT_ALLOCATORS"
 
 _done = False

@@ -111,11 +111,11 @@ def iter_blocks(
 
     Why not tiledbsoma's blockwise reader with the genes as coordinates (what this did before):
     a list of 8,000 gene points makes TileDB's cost per query grow with the array, not the
-    block. Measured on census-shape mini censuses (20,000 genes, ~2,000 values per cell),
-    8,192 cells x 8,000 genes per read: 2.3 s user + 3.5 s sys at 250k cells, 4.6 s + 3.5 s
-    at 2M; a range read of every gene plus the mask here: 0.7 s + 0.45 s at both sizes
-    (``benchmarks/bench_embed_read.py``). That was embed's
-    CPU per cell growing 365 -> 505 -> 692 s per million cells between 250k and 2M.
+    block. Measured on census-shape mini censuses (20,000 genes, ~2,080 values per cell),
+    8,192 cells x 8,000 genes per read (``benchmarks/bench_embed_read.py``, user + sys CPU
+    seconds): 2.95 + 2.60 at 250k cells, 5.65 + 2.91 at 2M; this reader, with the stages'
+    allocator setting, 1.17 + 0.97 and 1.18 + 0.99. That was embed's CPU per cell growing
+    490 -> 646 -> 1,164 s per million cells between 250k and 2M (docs/benchmarks.md).
     """
     import scipy.sparse as sp
 
