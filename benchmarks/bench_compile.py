@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Any
 
 CASES = {
     "eager": {"compile": False, "fast": False},
@@ -48,11 +49,34 @@ def _batches(a: dict) -> list:
     return out
 
 
-def child(a: dict) -> dict:
+def registered_adata(genes: int, n: int = 64) -> Any:
+    """A tiny AnnData registered with scvi-tools (4 batches): it only shapes the model, the
+    benchmarks feed their own batches (shared by profile_train_step.py and bench_optimizer.py)."""
     import anndata
     import numpy as np
     import pandas as pd
     import scipy.sparse as sp
+    import scvi
+
+    adata = anndata.AnnData(
+        X=sp.csr_matrix(np.ones((n, genes), dtype=np.float32)),
+        obs=pd.DataFrame({"batch": pd.Categorical([f"b{i % 4}" for i in range(n)])}),
+    )
+    adata.obs_names = [f"c{i}" for i in range(n)]
+    scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+    return adata
+
+
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """The model-shape options every step benchmark takes."""
+    p.add_argument("--genes", type=int, default=8000)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--latent", type=int, default=50)
+    p.add_argument("--batch", type=int, default=1024)
+
+
+def child(a: dict) -> dict:
     import scvi
     import torch
 
@@ -60,13 +84,7 @@ def child(a: dict) -> dict:
 
     torch.set_num_threads(a["threads"])
     scvi.settings.seed = 0
-    n = 64
-    adata = anndata.AnnData(
-        X=sp.csr_matrix(np.ones((n, a["genes"]), dtype=np.float32)),
-        obs=pd.DataFrame({"batch": pd.Categorical([f"b{i % 4}" for i in range(n)])}),
-    )
-    adata.obs_names = [f"c{i}" for i in range(n)]
-    scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+    adata = registered_adata(a["genes"])
     model = scvi.model.SCVI(adata, n_hidden=a["hidden"], n_layers=a["layers"], n_latent=a["latent"])
     if a["fast"]:
         install_fast_likelihood(model)
@@ -95,11 +113,7 @@ def child(a: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--genes", type=int, default=8000)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--latent", type=int, default=50)
-    p.add_argument("--batch", type=int, default=1024)
+    add_shape_args(p)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)

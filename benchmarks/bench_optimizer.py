@@ -7,7 +7,12 @@ per-parameter loop, and the fused kernel ``train.fused_optimizer`` uses; millise
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_compile import registered_adata
 
 
 def main() -> None:
@@ -20,21 +25,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
 
-    import anndata
-    import numpy as np
-    import pandas as pd
-    import scipy.sparse as sp
     import scvi
     import torch
 
     torch.set_num_threads(a.threads)
-    n = 64
-    adata = anndata.AnnData(
-        X=sp.csr_matrix(np.ones((n, a.genes), dtype=np.float32)),
-        obs=pd.DataFrame({"batch": pd.Categorical([f"b{i % 4}" for i in range(n)])}),
-    )
-    adata.obs_names = [f"c{i}" for i in range(n)]
-    scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+    adata = registered_adata(a.genes)
     print("n_hidden | parameters | kernel | ms/step | vs foreach")
     for hidden in a.hidden:
         module = scvi.model.SCVI(

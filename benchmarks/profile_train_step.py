@@ -14,14 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_compile import _batches, add_shape_args, registered_adata
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--genes", type=int, default=8000)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--latent", type=int, default=50)
-    p.add_argument("--batch", type=int, default=1024)
+    add_shape_args(p)
     p.add_argument("--likelihood", default="nb", choices=["nb", "zinb", "poisson"])
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=3)
@@ -29,10 +28,6 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=25)
     a = p.parse_args()
 
-    import anndata
-    import numpy as np
-    import pandas as pd
-    import scipy.sparse as sp
     import scvi
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -40,21 +35,11 @@ def main() -> None:
     from census_scvi._allocators import use_lean_allocators
     from census_scvi.train._likelihood import install_fast_likelihood
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_compile import _batches
-
     use_lean_allocators()
     torch.set_num_threads(a.threads)
     scvi.settings.seed = 0
-    n = 64
-    adata = anndata.AnnData(
-        X=sp.csr_matrix(np.ones((n, a.genes), dtype=np.float32)),
-        obs=pd.DataFrame({"batch": pd.Categorical([f"b{i % 4}" for i in range(n)])}),
-    )
-    adata.obs_names = [f"c{i}" for i in range(n)]
-    scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
     model = scvi.model.SCVI(
-        adata,
+        registered_adata(a.genes),
         n_hidden=a.hidden,
         n_layers=a.layers,
         n_latent=a.latent,
