@@ -21,6 +21,7 @@ path let anndata turn them into categoricals when a value repeats. The values ar
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 from collections.abc import Sequence
@@ -88,20 +89,22 @@ class MinifiedSource:
         obs.index = ids.astype(str)
         return obs
 
-    def string_columns(self) -> set[str]:
+    @functools.cached_property
+    def string_columns(self) -> frozenset[str]:
         """The kept census obs columns stored as plain strings (not dictionary-encoded)."""
         import pyarrow as pa
 
         schema = self.experiment.obs.schema
-        return {
+        return frozenset(
             c
             for c in self.columns
             if pa.types.is_string(schema.field(c).type)
             or pa.types.is_large_string(schema.field(c).type)
-        }
+        )
 
+    @functools.cached_property
     def template_rows(self) -> npt.NDArray[np.int64]:
-        """One row per batch label (its first cell), ascending."""
+        """One row per batch label (its first cell), ascending (one pass over the codes)."""
         _, first = np.unique(self.codes, return_index=True)
         return np.sort(first).astype(np.int64)
 
@@ -121,7 +124,7 @@ def write_minified_model(
 
     from census_scvi.scvi_model import save_minified_model
 
-    rows = source.template_rows()
+    rows = source.template_rows
     obs = source.obs(rows)
     labels = pd.Categorical.from_codes(
         source.codes[rows], categories=pd.Index(np.asarray(source.names).astype(str))
@@ -237,7 +240,7 @@ class _Column:
         from anndata.io import read_elem
 
         obs = self.w.dst["obs"]
-        if self.census and self.name in self.w.source.string_columns():
+        if self.census and self.name in self.w.source.string_columns:
             # a plain string column of the census (observation_joinid): anndata may have made
             # the template's a categorical of its few values; all cells' are strings
             if self.name in obs:
@@ -270,7 +273,7 @@ class _Column:
             return self.by_batch[np.asarray(src.codes[sl])]
         values = frame[self.name]
         if self.categories is None:
-            kind = object if self.name in src.string_columns() else None
+            kind = object if self.name in src.string_columns else None
             return values.to_numpy(dtype=kind)
         if isinstance(values.dtype, pd.CategoricalDtype):
             codes = values.cat.set_categories(self.categories).cat.codes.to_numpy()
@@ -286,7 +289,7 @@ class _Column:
 
         values = read_elem(self.tmpl)
         values = np.asarray(values.codes if self.categories is not None else values)
-        template_codes = np.asarray(self.w.source.codes[self.w.source.template_rows()])
+        template_codes = np.asarray(self.w.source.codes[self.w.source.template_rows])
         lut = np.zeros(len(self.w.source.names), dtype=values.dtype)
         lut[template_codes] = values
         return lut
