@@ -7,7 +7,9 @@ in its own child process (so peak RSS is per run):
   (b) ``run_train`` with ``train.mode: memory``, with the census-scvi loader (shuffled chunks,
       read-ahead thread: ``train.memory_loader: census-scvi``) and with scvi-tools' own
       ``AnnDataLoader`` (``train.memory_loader: scvi-tools``);
-  (c) ``run_train`` with ``train.mode: stream`` (SOMA -> our reader -> our data module);
+  (c) ``run_train`` with ``train.mode: stream`` (SOMA -> our reader -> our data module; the
+      first epoch's reads kept in the run's local cache for the later ones, ``c-nocache``
+      without it);
 
 (b) and (c) each with and without ``train.fast_likelihood``. Cells/s counts training steps only
 (data loading included, validation and the first epoch excluded: start-up, numba compilation).
@@ -124,6 +126,7 @@ def child(a: dict) -> dict:
                 f"train.mode={a['variant']}",
                 f"train.memory_loader={a.get('loader', 'census-scvi')}",
                 f"train.fast_likelihood={str(a.get('fast', True)).lower()}",
+                f"train.stream_cache={str(a.get('cache', True)).lower()}",
             ],
         )
         run_train(cfg, run_dir=run, force=True, callbacks=[tm])
@@ -260,7 +263,9 @@ def prepare(census: str, run: Path, a: dict) -> None:
     run_prepare(cfg, run_dir=run)
 
 
-# key -> (label, child settings); c-quarter is stream mode on a quarter of the cells (its RSS)
+# key -> (label, child settings); c-quarter is stream mode on a quarter of the cells (its RSS);
+# stream mode's local cache (train.stream_cache, on by default) serves every epoch after the
+# first, which reads SOMA: c-nocache reads SOMA every epoch
 VARIANTS: dict[str, tuple[str, dict]] = {
     "a": ("(a) scvi-tools direct", {"variant": "scvi"}),
     "b": ("(b) memory", {"variant": "memory", "loader": "census-scvi", "fast": True}),
@@ -277,6 +282,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         {"variant": "memory", "loader": "scvi-tools", "fast": False},
     ),
     "c": ("(c) stream", {"variant": "stream", "fast": True}),
+    "c-nocache": (
+        "(c) stream, no local cache",
+        {"variant": "stream", "fast": True, "cache": False},
+    ),
     "c-nofast": ("(c) stream, no fast likelihood", {"variant": "stream", "fast": False}),
     "c-quarter": ("(c) stream, N/4 cells", {"variant": "stream", "fast": True, "quarter": True}),
 }

@@ -104,7 +104,7 @@ def _module(mini_census, **kwargs):
         uri,
         obs_joinids=obs["soma_joinid"].to_numpy(),
         batch_codes=codes,
-        var_joinids=np.arange(0, 1000, 10),
+        var_joinids=kwargs.pop("var_joinids", np.arange(0, 1000, 10)),
         n_batch=int(codes.max()) + 1,
         train_size=0.9,
         seed=0,
@@ -141,3 +141,96 @@ def test_dataloader_workers_split_cells(mini_census):
     assert len(batches) == len(loader)
     seen = np.concatenate([b["soma_joinid"].numpy() for b in batches])
     np.testing.assert_array_equal(np.sort(seen), dm.train_joinids)  # each cell exactly once
+
+
+# ------------------------------------------------------------------------------------------
+# the local stream cache
+# ------------------------------------------------------------------------------------------
+_SIZES = {"batch_size": 100, "io_batch_size": 512, "shuffle_chunk_size": 16}
+
+
+def _passes(dm, n):
+    """``n`` training passes and one validation pass: every mini-batch's ids and counts."""
+    out = []
+    for loader in [dm.train_dataloader()] * n + [dm.val_dataloader()]:
+        out.append([(b["soma_joinid"].numpy(), b["X"].numpy()) for b in loader])
+    return out
+
+
+def _assert_same_passes(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert len(g) == len(w)
+        for (gi, gx), (wi, wx) in zip(g, w, strict=True):
+            np.testing.assert_array_equal(gi, wi)
+            np.testing.assert_array_equal(gx, wx)
+
+
+def _no_soma(monkeypatch):
+    from census_scvi.train import _soma_reader
+
+    def refuse(self, ids):
+        raise AssertionError("SOMA read although every cell is cached")
+
+    monkeypatch.setattr(_soma_reader.IOBatchReader, "read", refuse)
+
+
+def test_stream_cache_gives_the_soma_passes_and_later_ones_skip_soma(
+    mini_census, tmp_path, monkeypatch
+):
+    want = _passes(_module(mini_census, **_SIZES), 2)
+    cache_dir = tmp_path / "stream_cache"
+    dm = _module(mini_census, cache_dir=cache_dir, **_SIZES)
+    first = _passes(dm, 1)  # SOMA, written through (training cells, then validation cells)
+    assert dm.cache.holds(dm.train_joinids) and dm.cache.holds(dm.val_joinids)
+    _no_soma(monkeypatch)
+    _assert_same_passes([first[0], *_passes(dm, 1)], want)
+    _assert_same_passes(first[1:], want[2:])
+    # a new module (a resumed run) reuses the files: same data, still no SOMA read
+    again = _module(mini_census, cache_dir=cache_dir, **_SIZES)
+    _assert_same_passes(_passes(again, 2), want)
+
+
+def test_stream_cache_of_other_genes_or_inconsistent_is_rebuilt(mini_census, tmp_path):
+    cache_dir = tmp_path / "stream_cache"
+    dm = _module(mini_census, cache_dir=cache_dir, **_SIZES)
+    _passes(dm, 1)
+    assert dm.cache.holds(dm.train_joinids)
+    other = _module(mini_census, cache_dir=cache_dir, var_joinids=np.arange(5, 1000, 10), **_SIZES)
+    assert not other.cache.holds(other.train_joinids)  # another gene set: started again
+    assert not (cache_dir / "offsets.i64").exists()
+    _passes(other, 1)
+    # an index pointing past the values (a truncated copy) is not trusted
+    (cache_dir / "data.f32").write_bytes(b"")
+    reopened = _module(
+        mini_census, cache_dir=cache_dir, var_joinids=np.arange(5, 1000, 10), **_SIZES
+    )
+    assert not reopened.cache.holds(reopened.train_joinids)
+
+
+def test_stream_cache_gene_columns_are_checked_on_read(mini_census, tmp_path):
+    from census_scvi.errors import CensusScviError
+
+    cache_dir = tmp_path / "stream_cache"
+    dm = _module(mini_census, cache_dir=cache_dir, **_SIZES)
+    _passes(dm, 1)
+    bad = np.fromfile(cache_dir / "indices.i32", dtype=np.int32)
+    bad[0] = 10**6  # a column far outside the 100 model genes
+    bad.tofile(cache_dir / "indices.i32")
+    with pytest.raises(CensusScviError, match="gene columns outside 0..99"):
+        dm.cache.read(dm.train_joinids)  # the first value written is a training cell's
+
+
+def test_stream_cache_dropped_when_the_disk_would_not_hold_it(mini_census, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from census_scvi.train import _stream_cache
+
+    want = _passes(_module(mini_census, **_SIZES), 2)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(_stream_cache.shutil, "disk_usage", lambda p: usage(1, 1, 1000))
+    cache_dir = tmp_path / "stream_cache"
+    dm = _module(mini_census, cache_dir=cache_dir, **_SIZES)
+    got = _passes(dm, 2)
+    assert not dm.cache.enabled and not cache_dir.exists()
+    _assert_same_passes(got, want)

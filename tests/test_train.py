@@ -546,6 +546,39 @@ def test_stream_mode_model_matches_memory_registry(prepared, tmp_path, mini_cens
     assert h_str["elbo_train"].iloc[-1] < h_str["elbo_train"].iloc[0]
 
 
+def test_stream_cache_trains_the_same_model_as_soma_reads(
+    prepared, tmp_path, mini_census, monkeypatch
+):
+    import scvi
+    import torch
+
+    from census_scvi.train._stream_cache import StreamCache
+
+    reads = []
+    real_read = StreamCache.read
+    monkeypatch.setattr(
+        StreamCache, "read", lambda self, ids: reads.append(1) or real_read(self, ids)
+    )
+
+    weights = {}
+    for cache in ("true", "false"):
+        run = _run_dir(prepared, tmp_path, f"stream-cache-{cache}")
+        cfg = _cfg(
+            mini_census,
+            "train.mode=stream",
+            "train.stream_io_batch_size=1024",
+            f"train.stream_cache={cache}",
+        )
+        run_train(cfg, run_dir=run)
+        assert not (run / "train/stream_cache").exists()  # removed once training finished
+        model = scvi.model.SCVI.load(str(run / "train/scvi.model"), adata=_prepared_adata(run))
+        weights[cache] = model.module.state_dict()
+    assert reads  # epochs 2 and 3 read the cache instead of SOMA: the same rows, same order
+    assert weights["true"].keys() == weights["false"].keys()
+    for name, w in weights["true"].items():
+        torch.testing.assert_close(w, weights["false"][name], rtol=0, atol=0, msg=name)
+
+
 def test_stream_inputs_check_every_cell_against_the_census(prepared, tmp_path, mini_census):
     """Codes and categories equal the string path's; a wrong label or a missing cell is named."""
     from census_scvi.train._inputs import stream_inputs

@@ -325,6 +325,15 @@ class TrainConfig(_Section):
         description="stream mode: cells read from SOMA per I/O batch (memory: two I/O batches "
         "of cells x model genes as CSR, whatever the number of cells)",
     )
+    stream_cache: bool = Field(
+        True,
+        description="stream mode: keep the cells x model genes the first epoch reads in "
+        "train/stream_cache/ (8 bytes per kept value; removed when training finishes) and read "
+        "later epochs from there instead of SOMA (same data, same order); dropped with a "
+        "warning when the disk would not hold it; not used for max_epochs 1, with num_workers > 0 "
+        "or several ranks",
+        json_schema_extra=_UNHASHED,
+    )
     stream_shuffle_chunk_size: int = Field(
         256,
         gt=0,

@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -48,6 +49,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from census_scvi.train._csr_reader import CsrRowReader, as_float32_csr, dense_rows, gather_rows
 from census_scvi.train._read_ahead import built_ahead, release_free_memory
 from census_scvi.train._soma_reader import IOBatchReader
+from census_scvi.train._stream_cache import (
+    CachedRowReader,
+    CachingReader,
+    StreamCache,
+    fingerprint,
+)
 
 # this private module is imported only when training through these modules, so torch/lightning
 # at import time are fine; the dataset and loader classes must be module-level to pickle into
@@ -431,10 +438,15 @@ class _ChunkedDataModule(LightningDataModule):
     def _open_reader(self) -> Callable[[], RowReader]:
         raise NotImplementedError
 
+    def _pass_reader(self, ids: npt.NDArray[np.int64]) -> Callable[[], RowReader]:
+        """What opens the reader of each pass over ``ids``."""
+        return self._open_reader()
+
     def _loader(self, ids: npt.NDArray[np.int64], *, train: bool) -> Any:
+        rank_ids = _rank_slice(ids, self.rank, self.world_size)
         dataset = StreamDataset(
-            open_reader=self._open_reader(),
-            cell_ids=_rank_slice(ids, self.rank, self.world_size),
+            open_reader=self._pass_reader(rank_ids),
+            cell_ids=rank_ids,
             sorted_ids=self._sorted_ids,
             sorted_codes=self._sorted_codes,
             batch_size=self.batch_size,
@@ -532,6 +544,7 @@ class SomaStreamDataModule(_ChunkedDataModule):
         measurement_name: str = "RNA",
         layer_name: str = "raw",
         tiledb_config: dict[str, Any] | None = None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         self.var_joinids = np.asarray(var_joinids, dtype=np.int64)
         super().__init__(
@@ -550,6 +563,8 @@ class SomaStreamDataModule(_ChunkedDataModule):
         self.measurement_name = measurement_name
         self.layer_name = layer_name
         self.tiledb_config = dict(tiledb_config or {})
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.cache: StreamCache | None = None
         self._x_locator: Any = None
 
     @property
@@ -574,12 +589,45 @@ class SomaStreamDataModule(_ChunkedDataModule):
                 exp, measurement_name=self.measurement_name, layer_name=self.layer_name
             )
         super().setup(stage)
+        self._open_cache()
+
+    def _open_cache(self) -> None:
+        if self.cache_dir is None or self.cache is not None:
+            return
+        if self.num_workers > 0 or self.world_size > 1:
+            logger.info(
+                "stream cache not used with %d DataLoader workers and %d ranks (each would "
+                "write the same files); training reads SOMA every epoch",
+                self.num_workers,
+                self.world_size,
+            )
+            return
+        key = fingerprint(self.experiment_uri, self._sorted_ids, self.var_joinids)
+        self.cache = StreamCache(self.cache_dir, self._sorted_ids, self.n_vars, key)
+        self._build_ahead = True  # reads from the cache leave a core for building batches
 
     def _open_reader(self) -> Callable[[], RowReader]:
         if self._x_locator is None:
             self.setup()
         # a picklable recipe: each pass (and each DataLoader worker) opens its own handle
         return functools.partial(IOBatchReader, self._x_locator, self.var_joinids)
+
+    def _pass_reader(self, ids: npt.NDArray[np.int64]) -> Callable[[], RowReader]:
+        soma_reader = self._open_reader()
+        cache = self.cache
+        if cache is None:
+            return soma_reader
+
+        def open_for_pass() -> RowReader:
+            # decided per pass: the cache once it holds every cell of the pass, else SOMA,
+            # writing through to the cache
+            if cache.holds(ids):
+                return CachedRowReader(cache)
+            if cache.enabled:
+                return CachingReader(soma_reader(), cache)
+            return soma_reader()
+
+        return open_for_pass
 
 
 class MemoryDataModule(_ChunkedDataModule):

@@ -23,6 +23,8 @@ import numpy as np
 from census_scvi.constants import BATCH_KEY, MEASUREMENT, X_RAW
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import anndata
 
     from census_scvi.config import Config, ModelConfig, TrainingPlanConfig
@@ -181,14 +183,15 @@ def distribution_checks_off() -> Iterator[None]:
 
 
 def build_model(
-    config: Config, inputs: TrainInputs, *, num_workers: int = 0
+    config: Config, inputs: TrainInputs, *, num_workers: int = 0, cache_dir: Path | None = None
 ) -> tuple[Any, Any, int]:
     """``(model, datamodule or None, n_cells)``: the SCVI model and the data module it trains on.
 
     The data module is None for ``train.memory_loader: scvi-tools`` (``model.train`` makes its
     ``DataSplitter``). ``num_workers`` is the stream data module's DataLoader workers (with
     scvi-tools' loader they are given to ``model.train``, :func:`memory_loader_kwargs`; the
-    census-scvi memory loader uses none).
+    census-scvi memory loader uses none). ``cache_dir``: stream mode's local cache
+    (:mod:`._stream_cache`), when ``train.stream_cache`` is on.
     """
     if inputs.mode == "memory":
         if num_workers and config.train.memory_loader == "census-scvi":
@@ -199,7 +202,9 @@ def build_model(
             )
         built = _memory_model(config, inputs)
     else:
-        built = _stream_model(config, inputs, num_workers=num_workers)
+        # one epoch reads every cell once: a cache would only cost disk
+        cache = cache_dir if config.train.stream_cache and config.train.max_epochs > 1 else None
+        built = _stream_model(config, inputs, num_workers=num_workers, cache_dir=cache)
     if config.train.fast_likelihood:
         # same numbers, ~3-4x faster likelihood on CPU (docs/benchmarks.md); the saved model
         # stays a plain scvi.model.SCVI
@@ -240,7 +245,9 @@ def _memory_model(config: Config, inputs: TrainInputs) -> tuple[Any, Any, int]:
     return model, dm, adata.n_obs
 
 
-def _stream_model(config: Config, inputs: TrainInputs, *, num_workers: int) -> tuple[Any, Any, int]:
+def _stream_model(
+    config: Config, inputs: TrainInputs, *, num_workers: int, cache_dir: Path | None
+) -> tuple[Any, Any, int]:
     import scvi
 
     from census_scvi.train._datamodule import SomaStreamDataModule
@@ -272,5 +279,6 @@ def _stream_model(config: Config, inputs: TrainInputs, *, num_workers: int) -> t
         measurement_name=MEASUREMENT,
         layer_name=X_RAW,
         tiledb_config=inputs.tiledb_config,
+        cache_dir=cache_dir,
     )
     return model, dm, n_cells

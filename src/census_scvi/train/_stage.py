@@ -217,9 +217,18 @@ def run_train(
             mode = config.train.mode
             return TrainResult(paths.run_dir, paths.model, mode, is_global_zero=False)
         frame = _save_outputs(fit, paths, config.train.mode, inputs)
+        _remove_stream_cache(paths)
         figures = _figures(config, inputs, devices, fit, frame, timer)
         _record(stage, config, paths, figures)
     return _result(paths, config, inputs, figures, timer)
+
+
+def _remove_stream_cache(paths: _Paths) -> None:
+    """Training finished: its local copy of the counts is no longer needed (it is the run's)."""
+    cache = paths.stream_cache
+    if cache.is_dir() and not cache.is_symlink():
+        shutil.rmtree(cache)
+        logger.info("stream cache removed (%s)", cache)
 
 
 def _check_train_settings(config: Config) -> None:
@@ -245,6 +254,12 @@ class _Paths:
         return cls(
             run_dir, train, train / config.model.filename, train / CHECKPOINTS_DIR, train / LOGS_DIR
         )
+
+    @property
+    def stream_cache(self) -> Path:
+        from census_scvi.train._stream_cache import CACHE_DIR
+
+        return self.train / CACHE_DIR
 
     @property
     def last_checkpoint(self) -> Path:
@@ -286,7 +301,9 @@ def _start_train_dir(paths: _Paths, plan: ResumePlan, *, had_manifest: bool) -> 
         logger.warning("--resume: no checkpoint at %s; training from the start", plan.checkpoint)
     if not (had_manifest or plan.force or plan.resuming) and plan.checkpoint.is_file():
         logger.info("train: discarding an interrupted run of another config or inputs")
-    old = [paths.model] if plan.resuming else [paths.model, paths.logs, paths.checkpoints]
+    old = [paths.model]
+    if not plan.resuming:
+        old += [paths.logs, paths.checkpoints, paths.stream_cache]
     for p in old:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
@@ -343,7 +360,9 @@ def _fit(
     with quiet_lightning():  # "Seed set to ..."
         scvi.settings.seed = config.train.seed
     workers = loader_workers(config.train.num_workers, processes=devices.processes_per_node)
-    model, datamodule, n_cells = build_model(config, inputs, num_workers=workers)
+    model, datamodule, n_cells = build_model(
+        config, inputs, num_workers=workers, cache_dir=paths.stream_cache
+    )
     fit = _Fit(
         model,
         datamodule,
