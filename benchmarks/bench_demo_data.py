@@ -13,6 +13,10 @@ same 4M-value writes left for TileDB to sort, the generator's path before) and `
 
 ``--sample GENES`` instead times the count sampler alone (CPU per cell, no writing) at GENES human
 genes: the census shape (256 dense genes, the rest sparse) against every gene sampled densely.
+
+``--profile-blocks N`` instead prints where the CPU of generating N census-shape blocks (20,000
+genes, no writing) goes, step by step, in microseconds per cell, with the writer processes'
+allocator settings.
 """
 
 from __future__ import annotations
@@ -126,6 +130,57 @@ def sample(genes: int) -> None:
         )
 
 
+_PROFILE = """
+import time
+import numpy as np
+from census_scvi._allocators import use_lean_allocators
+from census_scvi.demo import _sample as S
+from census_scvi.demo._model import BLOCK_CELLS, SHAPES, block_cells, block_rng, design
+from census_scvi.demo._tables import BlockStats, obs_block, obs_categories
+from census_scvi.soma._schema import OBS_COLUMNS
+from census_scvi.soma._writer import schema_table
+
+use_lean_allocators()
+d = design("homo_sapiens", 1_000_000, 20_000, 0, SHAPES["census"])
+cats = obs_categories(d)
+cpu = {{}}
+def step(name, t0):
+    cpu[name] = cpu.get(name, 0.0) + time.process_time() - t0
+    return time.process_time()
+S.block_counts(d, block_cells(d, 0, 0), block_rng(d, 0, 0, 1))  # numba: load the kernels first
+nnz = 0
+for b in range({n}):
+    t = time.process_time()
+    cells = block_cells(d, b, 0); t = step("cells", t)
+    rng = block_rng(d, b, 0, 1)
+    primary = np.flatnonzero(~cells.is_dup)
+    combo = cells.combo(d)[primary]
+    lib = np.exp(cells.log_lib[primary].astype(np.float64))
+    parts = [S._dense(d, primary, combo, lib, rng)]; t = step("dense genes", t)
+    parts += S._sparse(d, primary, combo, lib, rng); t = step("sparse genes", t)
+    parts += [S._duplicate_rows(cells, p) for p in parts]; t = step("duplicate cells", t)
+    bx = S._global_order(np.concatenate(parts), start=cells.start); t = step("global order", t)
+    stats = BlockStats.of(bx, cells); t = step("row stats", t)
+    schema_table(obs_block(d, cells, stats, cats), OBS_COLUMNS, first_joinid=cells.start)
+    t = step("obs table", t)
+    nnz += len(bx.values)
+n_cells = {n} * BLOCK_CELLS
+extra = {{"cpu_us": {{k: v / n_cells * 1e6 for k, v in cpu.items()}}, "nnz": nnz / n_cells}}
+"""
+
+
+def profile_blocks(n: int) -> None:
+    import os
+
+    from census_scvi.demo._parallel import _WRITER_ENV
+
+    r = measure(_PROFILE.format(n=n), env={**os.environ, **_WRITER_ENV})  # the writers' malloc
+    total = sum(r["cpu_us"].values())
+    for name, us in r["cpu_us"].items():
+        print(f"{name:>16}: {us:6.1f} us CPU per cell ({100 * us / total:4.1f}%)")
+    print(f"{'total':>16}: {total:6.1f} us CPU per cell, {r['nnz']:,.0f} non-zeros per cell")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -135,7 +190,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--x-write", type=int, default=None, metavar="N")
     ap.add_argument("--sample", type=int, default=None, metavar="GENES")
+    ap.add_argument("--profile-blocks", type=int, default=None, metavar="N")
     args = ap.parse_args()
+    if args.profile_blocks:
+        profile_blocks(args.profile_blocks)
+        return
     root = Path(args.out or tempfile.mkdtemp(prefix="bench-demo-"))
     if args.sample:
         sample(args.sample)

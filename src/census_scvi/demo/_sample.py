@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numba
 import numpy as np
 
 from census_scvi.demo._model import BLOCK_CELLS, Cells, Design
@@ -107,17 +108,67 @@ def _sparse(
         first = rng.standard_exponential(lam.shape, dtype=np.float32)
         pi, gi = np.nonzero(first < lam)  # (profile, gene) with at least one candidate
         n = 1 + rng.poisson(lam[pi, gi] - first[pi, gi])
-        hit = np.repeat(np.arange(len(pi)), n)  # candidate -> its (profile, gene)
-        # each candidate's cell, in proportion to its library size within the profile
-        u = rng.random(len(hit)) * sizes[pi + a][hit]
-        j = u.astype(np.int64)
-        slot = starts[pi + a][hit] + j
-        pos = np.where(u - j < accept[slot], slot, alias[slot])
+        n_hits = int(n.sum())
+        # two uniforms per candidate: its cell (alias table), then its thinning and size
+        u, v = rng.random(n_hits), rng.random(n_hits)
         xbase = (d.dispersion[d.sparse[gi]] * props[pi, gi]).astype(np.float64)
-        size = _cluster_sizes(xbase[hit] * lib_sorted[pos], rng.random(len(hit)))
-        keep = np.flatnonzero(size)
-        out.append(_pack(primary[order[pos[keep]]], d.sparse[gi[hit[keep]]], size[keep]))
+        out.append(
+            _place_candidates(
+                n,
+                u,
+                v,
+                xbase,
+                sizes[pi + a],
+                starts[pi + a],
+                accept,
+                alias,
+                lib_sorted,
+                primary[order],
+                d.sparse[gi],
+            )
+        )
     return out
+
+
+@numba.njit(nogil=True, cache=True)  # type: ignore[misc]
+def _place_candidates(
+    n: npt.NDArray[np.int64],
+    u: npt.NDArray[np.float64],
+    v: npt.NDArray[np.float64],
+    xbase: npt.NDArray[np.float64],
+    size_of: npt.NDArray[np.intp],
+    start_of: npt.NDArray[np.intp],
+    accept: npt.NDArray[np.float64],
+    alias: npt.NDArray[np.int64],
+    lib_sorted: npt.NDArray[np.float64],
+    row_of: npt.NDArray[np.intp],
+    gene_of: npt.NDArray[np.int64],
+) -> npt.NDArray[np.int64]:
+    """The kept candidates of one step, packed (:func:`_pack`): ``n[p]`` candidates of each
+    (profile, gene) pair ``p``; each takes a cell from its profile's alias table with ``u`` and
+    is thinned and sized with ``v`` (:func:`_cluster_size`).
+
+    One pass per candidate, the same draws and results as the numpy version (gathers,
+    ``np.where``, the vectorised size series, masks, the packing), with which the sparse genes
+    cost 176 us of CPU per census-shape cell (~2,800 candidates), now 125 us
+    (``python benchmarks/bench_demo_data.py --profile-blocks 20``, "sparse genes").
+    """
+    out = np.empty(u.shape[0], np.int64)
+    k = 0
+    i = 0
+    for p in range(n.shape[0]):
+        m = size_of[p]
+        for _ in range(n[p]):
+            draw = u[i] * m
+            j = np.int64(draw)
+            slot = start_of[p] + j
+            pos = slot if draw - j < accept[slot] else alias[slot]
+            size = _cluster_size(xbase[p] * lib_sorted[pos], v[i])
+            i += 1
+            if size:
+                out[k] = _pack_one(row_of[pos], gene_of[p], size)
+                k += 1
+    return out[:k]
 
 
 def _alias_tables(
@@ -145,25 +196,30 @@ def _alias_tables(
     return accept, alias
 
 
-def _cluster_sizes(x: npt.NDArray[np.float64], v: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
-    """0 (rejected) or the cluster size of each candidate, from one uniform ``v`` each."""
-    size = (v * (1.0 + x) < 1.0).astype(np.int64)  # P(accept, size 1) = 1 / (1 + x)
-    idx = np.flatnonzero(size == 0)
-    xs, vs = x[idx], v[idx]
-    accepted = vs * xs < np.log1p(xs)  # P(accept) = ln(1 + x) / x
-    idx, xs, vs = idx[accepted], xs[accepted], vs[accepted]
-    q = xs / (1.0 + xs)
-    term = 1.0 / (1.0 + xs)  # q^k / (k x) at k = 1
-    cdf = term.copy()
+@numba.njit(nogil=True, cache=True)  # type: ignore[misc]
+def _cluster_size(x: float, v: float) -> int:
+    """0 (rejected) or the cluster size of a candidate, from one uniform ``v``."""
+    if v * (1.0 + x) < 1.0:  # P(accept, size 1) = 1 / (1 + x): most candidates
+        return 1
+    if not v * x < np.log1p(x):  # P(accept) = ln(1 + x) / x
+        return 0
+    q = x / (1.0 + x)
+    term = 1.0 / (1.0 + x)  # q^k / (k x) at k = 1
+    cdf = term
     for k in range(2, _MAX_SIZE_TERMS + 2):
-        if len(idx) == 0:
-            break
         term *= q * (k - 1) / k
         cdf += term
-        done = vs < cdf
-        size[idx[done]] = k
-        idx, q, term, cdf, vs = idx[~done], q[~done], term[~done], cdf[~done], vs[~done]
-    size[idx] = _MAX_SIZE_TERMS  # pragma: no cover - rounding at the very end of the series
+        if v < cdf:
+            return k
+    return _MAX_SIZE_TERMS  # pragma: no cover - rounding at the very end of the series
+
+
+@numba.njit(nogil=True, cache=True)  # type: ignore[misc]
+def _cluster_sizes(x: npt.NDArray[np.float64], v: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+    """:func:`_cluster_size` of each candidate."""
+    size = np.empty(x.shape[0], np.int64)
+    for i in range(x.shape[0]):
+        size[i] = _cluster_size(x[i], v[i])
     return size
 
 
@@ -191,6 +247,18 @@ def _pack(
     return packed
 
 
+@numba.njit(nogil=True, cache=True)  # type: ignore[misc]
+def _pack_one(row: int, col: int, value: int) -> int:
+    """:func:`_pack` of one non-zero (cluster sizes stop at ``_MAX_SIZE_TERMS``, far below the
+    24 bits of the value)."""
+    return (
+        ((col >> _TILE_BITS) << _TILE_SHIFT)
+        | ((col & _LOW) << _VALUE_BITS)
+        | (row << _ROW_SHIFT)
+        | value
+    )
+
+
 def _duplicate_rows(cells: Cells, packed: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     """Copies of the packed non-zeros of every duplicate's source row, under the duplicate's row."""
     dups = np.flatnonzero(cells.is_dup)
@@ -214,14 +282,39 @@ def _global_order(packed: npt.NDArray[np.int64], *, start: int) -> BlockX:
     """Sorted: tile by tile, row-major inside a tile (TileDB's global order); counts of one cell
     and gene (several clusters) summed."""
     packed.sort()
-    key = packed >> _VALUE_BITS
-    same = key[1:] == key[:-1]
-    packed &= (1 << _VALUE_BITS) - 1  # now the counts
-    if same.any():
-        first = np.flatnonzero(np.r_[True, ~same])
-        packed, key = np.add.reduceat(packed, first), key[first]
-    del same
-    rows = (key >> _TILE_BITS) & _LOW
-    rows += start
-    key = ((key >> (2 * _TILE_BITS)) << _TILE_BITS) | (key & _LOW)  # now the columns
-    return BlockX(rows, key, packed.astype(np.float32))
+    rows, cols, values, n = _decode_sorted(packed, start)
+    return BlockX(rows[:n], cols[:n], values[:n])
+
+
+@numba.njit(nogil=True, cache=True)  # type: ignore[misc]
+def _decode_sorted(
+    packed: npt.NDArray[np.int64], start: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32], int]:
+    """Sorted packed non-zeros -> (rows, columns, counts, how many): one pass, equal keys summed.
+
+    In numpy (shifts, masks, ``np.add.reduceat`` of the repeats, the cast) the sort and these
+    passes cost 66.5 us of CPU per census-shape cell (2,084 non-zeros), now 48.0 us
+    (``python benchmarks/bench_demo_data.py --profile-blocks 20``, "global order").
+    """
+    n = packed.shape[0]
+    rows = np.empty(n, np.int64)
+    cols = np.empty(n, np.int64)
+    values = np.empty(n, np.float32)
+    value_mask = (1 << _VALUE_BITS) - 1
+    k = -1
+    prev = -1
+    total = 0
+    for i in range(n):
+        key = packed[i] >> _VALUE_BITS
+        if key != prev:
+            if k >= 0:
+                values[k] = total
+            k += 1
+            prev = key
+            total = 0
+            rows[k] = ((key >> _TILE_BITS) & _LOW) + start
+            cols[k] = ((key >> (2 * _TILE_BITS)) << _TILE_BITS) | (key & _LOW)
+        total += packed[i] & value_mask
+    if k >= 0:
+        values[k] = total
+    return rows, cols, values, k + 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numba
 import numpy as np
 
 from census_scvi.counts import nonzero_moments
@@ -43,13 +44,27 @@ class BlockStats:
 
     @classmethod
     def of(cls, x: BlockX, cells: Cells) -> BlockStats:
-        rows = x.rows - cells.start
-        v = x.values.astype(np.float64)
-        return cls(
-            nnz=np.bincount(rows, minlength=cells.n),
-            raw_sum=np.bincount(rows, weights=v, minlength=cells.n).astype(np.float64),
-            sq_sum=np.bincount(rows, weights=v * v, minlength=cells.n).astype(np.float64),
-        )
+        # one numba pass: three np.bincount passes (with the float64 copies of the values they
+        # need) cost 22.8 us of CPU per census-shape cell, this 7.7 us (bench_demo_data.py
+        # --profile-blocks 20, "row stats")
+        return cls(*_row_stats(x.rows, x.values, cells.start, cells.n))
+
+
+@numba.njit(nogil=True, cache=True)  # type: ignore[misc]
+def _row_stats(
+    rows: npt.NDArray[np.int64], values: npt.NDArray[np.float32], start: int, n_rows: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Per row: non-zeros, sum and sum of squares (float64, summed in the order given)."""
+    nnz = np.zeros(n_rows, np.int64)
+    raw_sum = np.zeros(n_rows, np.float64)
+    sq_sum = np.zeros(n_rows, np.float64)
+    for i in range(rows.shape[0]):
+        r = rows[i] - start
+        v = np.float64(values[i])
+        nnz[r] += 1
+        raw_sum[r] += v
+        sq_sum[r] += v * v
+    return nnz, raw_sum, sq_sum
 
 
 @dataclass

@@ -90,7 +90,9 @@ def run_task(task: Task) -> Generator[int, None, TaskResult]:
                     obs_block(d, cells, stats, cats), OBS_COLUMNS, first_joinid=cells.start
                 )
             )
-            yield cells.n
+            n_cells = cells.n
+            del cells, bx, stats  # not held while the caller has the generator suspended
+            yield n_cells
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return TaskResult(counts, time.perf_counter() - t0, peak)
 
