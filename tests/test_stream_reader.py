@@ -234,3 +234,26 @@ def test_stream_cache_dropped_when_the_disk_would_not_hold_it(mini_census, tmp_p
     got = _passes(dm, 2)
     assert not dm.cache.enabled and not cache_dir.exists()
     _assert_same_passes(got, want)
+
+
+def test_stream_cache_never_writes_through_links_and_survives_an_early_stop(mini_census, tmp_path):
+    import json
+
+    cache_dir = tmp_path / "stream_cache"
+    _module(mini_census, cache_dir=cache_dir, **_SIZES)  # writes the cache's manifest
+    key = json.loads((cache_dir / "cache.json").read_text())["key"]
+    # stopped before its first pass ended: a manifest, no index yet
+    again = _module(mini_census, cache_dir=cache_dir, **_SIZES)
+    assert not again.cache.holds(again.train_joinids)
+    # somebody else's run directory with the cache's files linked to a file of the user's
+    outside = tmp_path / "precious.bin"
+    outside.write_bytes(b"keep me")
+    for name in ("indices.i32", "data.f32", "offsets.i64", "lengths.i32", "offsets.tmp"):
+        (cache_dir / name).unlink(missing_ok=True)
+        (cache_dir / name).symlink_to(outside)
+    (cache_dir / "cache.json").write_text(json.dumps({"format": 1, "key": key}))
+    planted = _module(mini_census, cache_dir=cache_dir, **_SIZES)
+    _passes(planted, 1)
+    assert outside.read_bytes() == b"keep me"
+    assert not any(p.is_symlink() for p in cache_dir.iterdir())
+    assert planted.cache.holds(planted.train_joinids)

@@ -111,11 +111,16 @@ class StreamCache:
             not isinstance(meta, dict)
             or meta.get("format") != _FORMAT
             or meta.get("key") != self.key
+            or self._has_links()
         ):
             self._reset()
             return empty
-        offsets = np.fromfile(self._path(_OFFSETS), dtype=_OFFSETS[1])
-        lengths = np.fromfile(self._path(_LENGTHS), dtype=_LENGTHS[1])
+        try:
+            offsets = np.fromfile(self._path(_OFFSETS), dtype=_OFFSETS[1])
+            lengths = np.fromfile(self._path(_LENGTHS), dtype=_LENGTHS[1])
+        except OSError:  # stopped before its first pass ended: nothing to reuse
+            self._reset()
+            return empty
         n_values = min(self._file_values(_INDICES), self._file_values(_DATA))
         cached = offsets >= 0
         ok = (
@@ -134,11 +139,16 @@ class StreamCache:
         )
         return offsets, lengths
 
+    def _has_links(self) -> bool:
+        paths = [self.directory, *(self._path(f) for f in (_INDICES, _DATA, _OFFSETS, _LENGTHS))]
+        return any(p.is_symlink() for p in paths)
+
     def _reset(self) -> None:
-        if self.directory.is_dir() and not self.directory.is_symlink():
-            shutil.rmtree(self.directory)
-        elif self.directory.exists():
+        """An empty cache: the folder (the run's own) emptied; a link is removed, not followed."""
+        if self.directory.is_symlink() or self.directory.is_file():
             self.directory.unlink()
+        elif self.directory.is_dir():
+            shutil.rmtree(self.directory)
         self.directory.mkdir(parents=True)
         (self.directory / _MANIFEST).write_text(
             json.dumps({"format": _FORMAT, "key": self.key, "n_cells": len(self.sorted_ids)})
@@ -190,7 +200,7 @@ class StreamCache:
         self._nnz += int(indptr[-1])
 
     def _append(self, spec: tuple[str, Any], values: npt.NDArray[Any]) -> None:
-        with self._path(spec).open("ab") as f:
+        with _open_for_writing(self._path(spec), os.O_APPEND) as f:
             f.write(np.ascontiguousarray(values, dtype=spec[1]).data)
 
     def _room_for(self, nnz: int, n_cells: int) -> bool:
@@ -216,7 +226,8 @@ class StreamCache:
         try:
             for spec, arr in ((_OFFSETS, self.offsets), (_LENGTHS, self.lengths)):
                 tmp = self._path(spec).with_suffix(".tmp")
-                arr.astype(spec[1]).tofile(tmp)
+                with _open_for_writing(tmp, os.O_TRUNC) as f:
+                    f.write(np.ascontiguousarray(arr, dtype=spec[1]).data)
                 tmp.replace(self._path(spec))
         except OSError as e:
             self.drop(f"writing {self.directory}: {e.strerror or e}")
@@ -249,6 +260,13 @@ class StreamCache:
                 msg, hint="delete that folder (it is rebuilt) or set train.stream_cache: false"
             )
         return sp.csr_matrix((data, indices, indptr), shape=(len(ids), self.n_vars))
+
+
+def _open_for_writing(path: Path, mode: int) -> Any:
+    """``path`` opened to write (``mode``: ``os.O_APPEND`` or ``os.O_TRUNC``), never through a
+    link: one planted in a run directory fails (ELOOP) instead of making us write elsewhere."""
+    flags = os.O_WRONLY | os.O_CREAT | mode | getattr(os, "O_NOFOLLOW", 0)
+    return os.fdopen(os.open(path, flags, 0o644), "wb")
 
 
 def _pread_into(fd: int, out: npt.NDArray[Any], first_value: int) -> None:
