@@ -546,8 +546,26 @@ def test_stream_mode_model_matches_memory_registry(prepared, tmp_path, mini_cens
     assert h_str["elbo_train"].iloc[-1] < h_str["elbo_train"].iloc[0]
 
 
+def _check_progress_lines(caplog, *, n_cells: int, epochs: int) -> None:
+    """Training logs its progress in cells (not on a terminal: every 10%), to 100% of all epochs."""
+    import re
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "census_scvi.progress"]
+    found = [
+        re.match(r"training, epoch (\d+)/(\d+).*: (\d+)% \(([\d,]+)/([\d,]+) cells", m)
+        for m in lines
+    ]
+    found = [m for m in found if m]
+    assert len(found) >= 5, lines
+    done = [int(m.group(4).replace(",", "")) for m in found]
+    total = int(found[-1].group(5).replace(",", ""))
+    assert done == sorted(done) and done[-1] == total and found[-1].group(3) == "100"
+    assert abs(total - n_cells * epochs) <= epochs * 2  # the split rounds; every epoch counted
+    assert found[-1].group(1) == found[-1].group(2) == str(epochs)
+
+
 def test_stream_cache_trains_the_same_model_as_soma_reads(
-    prepared, tmp_path, mini_census, monkeypatch
+    prepared, tmp_path, mini_census, monkeypatch, caplog
 ):
     import scvi
     import torch
@@ -569,8 +587,11 @@ def test_stream_cache_trains_the_same_model_as_soma_reads(
             "train.stream_io_batch_size=1024",
             f"train.stream_cache={cache}",
         )
-        run_train(cfg, run_dir=run)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="census_scvi"):
+            result = run_train(cfg, run_dir=run)
         assert not (run / "train/stream_cache").exists()  # removed once training finished
+        _check_progress_lines(caplog, n_cells=int(result.n_cells * 0.9), epochs=3)
         model = scvi.model.SCVI.load(str(run / "train/scvi.model"), adata=_prepared_adata(run))
         weights[cache] = model.module.state_dict()
     assert reads  # epochs 2 and 3 read the cache instead of SOMA: the same rows, same order

@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -57,21 +57,89 @@ def track(
     >>> list(track([1, 2, 3], description="demo"))
     [1, 2, 3]
     """
-    if _DISABLED or logging.getLogger("census_scvi").getEffectiveLevel() > logging.INFO:
-        yield from iterable
-        return
     if total is None and weight is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
     size = weight or (lambda _item: 1)
-    if sys.stderr.isatty():
-        yield from _bar(iterable, description, total, size, unit)
-    else:
-        yield from _logged(iterable, description, total, size, unit, log_every)
+    with Tracker(description, total=total, unit=unit, log_every=log_every) as tracker:
+        for item in iterable:
+            n = size(item)
+            yield item
+            tracker.advance(n)
 
 
-def _bar(
-    iterable: Iterable[T], description: str, total: int | None, size: Callable[[T], int], unit: str
-) -> Iterator[T]:
+class Tracker:
+    """Progress pushed as work is done (:func:`track` for loops; callbacks use it directly).
+
+    A rich bar on a terminal (done/total, rate, ETA), else a log line every ``log_every`` of
+    ``total``; nothing when progress is off (``-q``) or the log level is above INFO.
+
+    Examples
+    --------
+    >>> with Tracker("training", total=1000, unit="cells") as t:
+    ...     t.advance(500)
+    ...     t.describe("training, epoch 2/2")
+    ...     t.advance(500)
+    """
+
+    def __init__(
+        self, description: str, *, total: int | None, unit: str = "", log_every: float = 0.1
+    ) -> None:
+        self.description, self.total, self.unit, self.log_every = (
+            description,
+            total,
+            unit,
+            log_every,
+        )
+        self.done = 0
+        self._t0 = time.perf_counter()
+        self._next_mark = log_every
+        self._progress: Any = None
+        self._task: Any = None
+        self._on = (
+            not _DISABLED and logging.getLogger("census_scvi").getEffectiveLevel() <= logging.INFO
+        )
+        if self._on and sys.stderr.isatty():
+            self._progress = _rich_progress(unit)
+            self._progress.start()
+            self._task = self._progress.add_task(description, total=total)
+
+    def advance(self, n: int) -> None:
+        """``n`` more units done."""
+        if not self._on:
+            return
+        self.done += n
+        if self._progress is not None:
+            self._progress.advance(self._task, n)
+            return
+        if not self.total:
+            return
+        frac = self.done / self.total
+        if frac + 1e-12 >= self._next_mark or self.done >= self.total:
+            seconds = time.perf_counter() - self._t0
+            line = progress_line(self.description, self.done, self.total, seconds, self.unit)
+            logger.info("%s", line)
+            while self._next_mark <= frac + 1e-12:
+                self._next_mark += self.log_every
+
+    def describe(self, description: str) -> None:
+        """A new description (e.g. the epoch and the loss) for the bar and the next log lines."""
+        self.description = description
+        if self._progress is not None:
+            self._progress.update(self._task, description=description)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _rich_progress(unit: str) -> Any:
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -84,7 +152,7 @@ def _bar(
     )
 
     rate = TextColumn(f"{{task.speed:>,.0f}} {unit or 'it'}/s" if unit else "")
-    with Progress(
+    return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -94,36 +162,7 @@ def _bar(
         TimeRemainingColumn(),
         console=Console(stderr=True),
         transient=False,
-    ) as progress:
-        task = progress.add_task(description, total=total)
-        for item in iterable:
-            n = size(item)
-            yield item
-            progress.advance(task, n)
-
-
-def _logged(
-    iterable: Iterable[T],
-    description: str,
-    total: int | None,
-    size: Callable[[T], int],
-    unit: str,
-    log_every: float,
-) -> Iterator[T]:
-    t0, done, next_mark = time.perf_counter(), 0, log_every
-    for item in iterable:
-        n = size(item)
-        yield item
-        done += n
-        if not total:
-            continue
-        frac = done / total
-        if frac + 1e-12 >= next_mark or done >= total:
-            logger.info(
-                "%s", progress_line(description, done, total, time.perf_counter() - t0, unit)
-            )
-            while next_mark <= frac + 1e-12:
-                next_mark += log_every
+    )
 
 
 def progress_line(description: str, done: int, total: int, seconds: float, unit: str = "") -> str:

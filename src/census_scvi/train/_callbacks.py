@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback
-from scvi.train._progress import ProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 
 from census_scvi.errors import CensusScviError
 
@@ -361,16 +361,74 @@ class ThroughputMonitor(Callback):
 
 
 class StderrProgressBar(ProgressBar):
-    """scvi-tools' per-epoch bar, on stderr (scvi writes it to stdout, where results go)."""
+    """Training progress in cells, on stderr (scvi-tools' bar counts epochs, on stdout).
 
-    def init_train_tqdm(self, trainer: Any) -> Any:
-        import sys
+    One bar over every training cell of every epoch still to run, with rate and ETA, its
+    description the epoch and the last epoch's loss; not on a terminal, a log line every 10%
+    (:class:`census_scvi.progress.Tracker`): a one-epoch training of millions of cells says how
+    far it is. Rank 0 only.
+    """
 
-        from tqdm.auto import tqdm
+    def __init__(self) -> None:
+        super().__init__()
+        self._enabled = True
+        self._tracker: Any = None
 
-        return tqdm(
-            total=trainer.max_epochs,
-            desc="Training",
-            file=sys.stderr,
-            disable=self.is_disabled,
-        )
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tracker": None}  # a rich display does not pickle
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    @property
+    def is_disabled(self) -> bool:
+        return not self._enabled
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        from census_scvi.progress import Tracker
+
+        if not (self._enabled and trainer.is_global_zero):
+            return
+        epochs = max(int(trainer.max_epochs) - int(trainer.current_epoch), 0)
+        total = _training_cells(trainer) * epochs
+        self._tracker = Tracker(self._describe(trainer), total=total or None, unit="cells")
+
+    def _describe(self, trainer: Any, loss: Any = None) -> str:
+        epoch = min(int(trainer.current_epoch) + 1, int(trainer.max_epochs))
+        text = f"training, epoch {epoch}/{trainer.max_epochs}"
+        return text if loss is None else f"{text}, last loss {float(loss):,.1f}"
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._tracker is not None:
+            x = batch.get("X") if isinstance(batch, dict) else None
+            self._tracker.advance(int(x.shape[0]) if x is not None else 0)
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._tracker is not None:  # the epoch now running, the loss of the one before
+            loss = trainer.callback_metrics.get("train_loss_epoch")
+            self._tracker.describe(self._describe(trainer, loss))
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
+
+
+def _training_cells(trainer: Any) -> int:
+    """Training cells per epoch on this rank: the data module's count, else batches x size."""
+    dm = trainer.datamodule
+    n = getattr(dm, "n_train", None)
+    if isinstance(n, int) and n > 0:
+        return n // max(int(trainer.world_size), 1)
+    batches = trainer.num_training_batches
+    size = getattr(dm, "batch_size", 0) or 0
+    return int(batches * size) if math.isfinite(batches) else 0
