@@ -27,6 +27,13 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another config override (repeatable), e.g. train.stream_cache=false",
+    )
     args = p.parse_args()
 
     import psutil
@@ -72,6 +79,7 @@ def main() -> None:
             "train.mode=stream",
             "train.batch_size=1024",
             "train.accelerator=cpu",
+            *args.set,
         ],
     )
     run_train(cfg, run_dir=Path(args.run), force=True, callbacks=[Phases()])
