@@ -4,6 +4,10 @@ labels are codes, the minified model keeps the obs columns asked for. The figure
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -79,6 +83,51 @@ def test_lean_allocators_turn_off_numpy_huge_pages_unless_kept(monkeypatch):
         assert multiarray._get_madvise_hugepage() is False
     finally:
         multiarray._set_madvise_hugepage(before)
+
+
+_MMAP_PROBE = """
+import ctypes, sys
+import numpy as np
+from census_scvi._allocators import fix_mmap_threshold
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                               "usmblks", "fsmblks", "uordblks", "fordblks",
+                                               "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "fixed":
+    assert fix_mmap_threshold(16 << 20)
+a = np.ones(24 << 20, np.uint8)
+del a  # glibc's default raises its mmap threshold (at most 32 MiB) past 24 MiB here
+mapped = libc.mallinfo2().hblkhd
+b = np.ones(24 << 20, np.uint8)
+print("mapped" if libc.mallinfo2().hblkhd - mapped >= 24 << 20 else "heap")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize(("mode", "want"), [("default", "heap"), ("fixed", "mapped")])
+def test_fixed_mmap_threshold_keeps_large_arrays_off_the_heap(mode, want):
+    """glibc moves its thresholds up once a large block is freed (later blocks of that size come
+    from the heap, and up to twice that is kept at the heap's top when freed); a fixed threshold
+    turns that off: the block above it stays mapped."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc < 2.33 has no mallinfo2")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.pop("CENSUS_SCVI_DEFAULT_ALLOCATORS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", _MMAP_PROBE, mode],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    assert out.stdout.strip() == want
 
 
 def test_rows_batch_codes_equal_labels(experiment, mini_census):

@@ -19,7 +19,19 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["KEEP_ENV", "use_lean_allocators"]
+__all__ = ["KEEP_ENV", "TRAIN_MMAP_THRESHOLD", "fix_mmap_threshold", "use_lean_allocators"]
+
+#: glibc's mmap threshold while training, fixed. By default glibc raises its mmap threshold (up
+#: to 32 MiB) each time a mapped block is freed, and its trim threshold with it (to twice that),
+#: so blocks of tens of MB come from the arenas and up to 64 MiB per arena is kept when freed:
+#: stream training's peak RSS then rose from epoch to epoch (250k census, 2 epochs, per-phase
+#: peaks epoch 0 / validation 0 / epoch 1: 1.98 / 2.39 / 2.31 GiB with the default, 2.07 / 1.78 /
+#: 2.09 with 64 MiB fixed). Fixed, the adjustment is off (the trim threshold stays at its
+#: default); 64 MiB keeps a step's activations (1024 x 8000 float32: 33 MB) on the heap, which
+#: 4 MiB did not (each mapped and faulted in anew: epochs 36-60% slower). Measured with
+#: ``benchmarks/bench_train_rss.py`` (docs/benchmarks.md, "Train RSS in a long epoch").
+TRAIN_MMAP_THRESHOLD = 64 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 #: Environment variable that keeps numpy's default (huge-page advice on).
 KEEP_ENV = "CENSUS_SCVI_DEFAULT_ALLOCATORS"
@@ -39,3 +51,22 @@ def use_lean_allocators() -> None:
     setter = getattr(multiarray, "_set_madvise_hugepage", None)
     if setter is not None:  # numpy >= 1.20 on Linux
         setter(False)
+
+
+def fix_mmap_threshold(threshold: int = TRAIN_MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold (``mallopt``) for this process; whether it was set.
+
+    Left alone where the environment already sets ``MALLOC_MMAP_THRESHOLD_``, with
+    ``CENSUS_SCVI_DEFAULT_ALLOCATORS=1``, or without glibc.
+    """
+    if os.environ.get(KEEP_ENV, "") not in ("", "0") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
+    mallopt = getattr(libc, "mallopt", None)
+    return bool(mallopt is not None and mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1)

@@ -353,8 +353,11 @@ def _fit(
     """Build the model and train it (from the checkpoint when resuming)."""
     import scvi
 
+    from census_scvi._allocators import fix_mmap_threshold
     from census_scvi.train._callbacks import HistoryRecorder, NonFiniteLossGuard, ThroughputMonitor
     from census_scvi.train._quiet import quiet_lightning
+
+    fix_mmap_threshold()  # large arrays mapped and returned: the heap does not grow with steps
 
     checkpoint, resumed_from = _read_resume_checkpoint(plan)
     with quiet_lightning():  # "Seed set to ..."
