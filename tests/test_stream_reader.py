@@ -257,3 +257,23 @@ def test_stream_cache_never_writes_through_links_and_survives_an_early_stop(mini
     assert outside.read_bytes() == b"keep me"
     assert not any(p.is_symlink() for p in cache_dir.iterdir())
     assert planted.cache.holds(planted.train_joinids)
+
+
+def test_stream_cache_resumed_after_a_stop_between_its_writes_stays_aligned(
+    mini_census, tmp_path, monkeypatch
+):
+    want = _passes(_module(mini_census, **_SIZES), 1)
+    cache_dir = tmp_path / "stream_cache"
+    dm = _module(mini_census, cache_dir=cache_dir, **_SIZES)
+    list(dm.train_dataloader())  # training cells cached, validation cells not yet
+    with (cache_dir / "indices.i32").open("ab") as f:  # stopped after one file's append
+        f.write(np.arange(7, dtype=np.int32).tobytes())
+    resumed = _module(mini_census, cache_dir=cache_dir, **_SIZES)
+    assert resumed.cache.holds(resumed.train_joinids)
+    assert not resumed.cache.holds(resumed.val_joinids)
+    got = _passes(resumed, 1)  # validation now written through, then every pass read back
+    _assert_same_passes(got, want)
+    again = _module(mini_census, cache_dir=cache_dir, **_SIZES)
+    assert again.cache.holds(again.val_joinids)  # kept, not found inconsistent and rebuilt
+    _no_soma(monkeypatch)
+    _assert_same_passes(_passes(again, 1), want)

@@ -134,6 +134,12 @@ class StreamCache:
             logger.warning("stream cache at %s is inconsistent; starting it again", self.directory)
             self._reset()
             return empty
+        # values past the last indexed cell (a run stopped between its writes) are cut, so the
+        # next appends start both files at the same value
+        end = int((offsets[cached] + lengths[cached]).max(initial=0))
+        for spec in (_INDICES, _DATA):
+            if self._file_values(spec) > end:
+                os.truncate(self._path(spec), end * np.dtype(spec[1]).itemsize)
         logger.info(
             "stream cache: %d of %d cells cached at %s", int(cached.sum()), n, self.directory
         )
