@@ -17,9 +17,11 @@ Set ``CENSUS_SCVI_DEFAULT_ALLOCATORS=1`` to keep numpy's default.
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import Any
 
-__all__ = ["KEEP_ENV", "TRAIN_MMAP_THRESHOLD", "fix_mmap_threshold", "use_lean_allocators"]
+__all__ = ["KEEP_ENV", "TRAIN_MMAP_THRESHOLD", "fix_mmap_threshold", "libc", "use_lean_allocators"]
 
 #: glibc's mmap threshold while training, fixed. By default glibc raises its mmap threshold (up
 #: to 32 MiB) each time a mapped block is freed, and its trim threshold with it (to twice that),
@@ -61,12 +63,17 @@ def fix_mmap_threshold(threshold: int = TRAIN_MMAP_THRESHOLD) -> bool:
     """
     if os.environ.get(KEEP_ENV, "") not in ("", "0") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
+    mallopt = getattr(libc(), "mallopt", None)
+    return bool(mallopt is not None and mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1)
+
+
+@functools.cache
+def libc() -> Any:
+    """The C library through ctypes (glibc's ``mallopt``, ``malloc_trim``), or None."""
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
-        return False
-    mallopt = getattr(libc, "mallopt", None)
-    return bool(mallopt is not None and mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1)
+        return None

@@ -214,15 +214,6 @@ def _cluster_size(x: float, v: float) -> int:
     return _MAX_SIZE_TERMS  # pragma: no cover - rounding at the very end of the series
 
 
-@numba.njit(nogil=True, cache=True)  # type: ignore[misc]
-def _cluster_sizes(x: npt.NDArray[np.float64], v: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
-    """:func:`_cluster_size` of each candidate."""
-    size = np.empty(x.shape[0], np.int64)
-    for i in range(x.shape[0]):
-        size[i] = _cluster_size(x[i], v[i])
-    return size
-
-
 # Non-zeros are sorted as single integers: (column tile, row, column in tile, count), so that one
 # sort gives TileDB's global order. A block is one row tile (BLOCK_CELLS == X_TILE == 2**11).
 _TILE_BITS = 11

@@ -16,23 +16,11 @@ import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
+from census_scvi._allocators import libc
+
 __all__ = ["built_ahead", "prefetched", "release_free_memory"]
 
 T = TypeVar("T")
-
-
-def _libc() -> Any:
-    """The C library (glibc's ``malloc_trim`` is used when present)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
 
 
 def release_free_memory() -> None:
@@ -43,7 +31,7 @@ def release_free_memory() -> None:
     and its peak rose with the number of steps (one 175k-cell epoch, 8000 genes: peak 3.05 GiB
     without, 2.85 GiB with this call per I/O batch; epoch time within noise).
     """
-    trim = getattr(_LIBC, "malloc_trim", None)
+    trim = getattr(libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
 
