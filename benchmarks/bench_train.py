@@ -138,7 +138,16 @@ def child(a: dict) -> dict:
         "epochs": [(c, round(s, 2)) for c, s in tm.epochs],
         "wall_s": round(time.perf_counter() - t0, 1),
         "peak_rss_gib": round(_peak_rss_gib(), 2),
+        **_cpu_split(),
     }
+
+
+def _cpu_split() -> dict:
+    """User and system CPU seconds of the whole child (system time: page faults, compaction)."""
+    import resource
+
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user_s": round(use.ru_utime, 1), "sys_s": round(use.ru_stime, 1)}
 
 
 def loaders_only(a: dict) -> dict:
@@ -437,6 +446,11 @@ def main() -> None:
                     label, spec = VARIANTS[key][0], dict(VARIANTS[key][1])
                     where = quarter if spec.pop("quarter", False) else run
                     r = run_child({**case, **spec, "run": str(where)})
+                    print(
+                        f"  run: {label:42s} {r['cells_per_s']:8.0f} cells/s, "
+                        f"user {r.get('user_s')} s, sys {r.get('sys_s')} s",
+                        flush=True,
+                    )
                     if label not in res or r["cells_per_s"] > res[label]["cells_per_s"]:
                         res[label] = r
             ceiling = gflops * 1e9 / (12 * hvg * hidden)

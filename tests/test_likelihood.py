@@ -14,8 +14,10 @@ import torch
 from lightning.pytorch import Callback
 from scvi.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
 from scvi.distributions._negative_binomial import log_nb_positive, log_zinb_positive
+from scvi.nn import DecoderSCVI
 
 from census_scvi.errors import CensusScviError
+from census_scvi.train._decoder import NoZeroInflationDecoder, skip_unused_dropout_head
 from census_scvi.train._likelihood import (
     FastLikelihoodVAE,
     fast_log_prob_sum,
@@ -187,6 +189,8 @@ def test_module_loss_and_every_gradient_unchanged(gene_likelihood, dtype, rtol):
     stock, stock_grads = _loss_and_grads(model, tensors)
     install_fast_likelihood(model)
     assert type(model.module) is FastLikelihoodVAE
+    expected = NoZeroInflationDecoder if gene_likelihood != "zinb" else DecoderSCVI
+    assert type(model.module.decoder) is expected
     fast, fast_grads = _loss_and_grads(model, tensors)
     torch.testing.assert_close(fast.loss, stock.loss, rtol=rtol / 10, atol=0)
     key = "reconstruction_loss"
@@ -196,6 +200,39 @@ def test_module_loss_and_every_gradient_unchanged(gene_likelihood, dtype, rtol):
     rounding = 10 * torch.finfo(dtype).eps * max(float(g.abs().max()) for g in stock_grads.values())
     for name, grad in stock_grads.items():
         _close(fast_grads[name], grad, rtol, floor=rounding)
+
+
+@pytest.mark.parametrize("gene_likelihood", ["nb", "poisson"])
+def test_skipping_the_unused_dropout_head_changes_no_value_or_gradient(gene_likelihood):
+    """Bit for bit: the same loss and gradients with the head computed and left out."""
+    model = _model(gene_likelihood)
+    tensors = next(iter(model._make_data_loader(model.adata, batch_size=256)))
+    install_fast_likelihood(model)
+    model.module.decoder.__class__ = DecoderSCVI  # the fast loss with scvi-tools' decoder
+    with_head, with_head_grads = _loss_and_grads(model, tensors)
+    assert skip_unused_dropout_head(model.module)
+    assert type(model.module.decoder) is NoZeroInflationDecoder
+    without, without_grads = _loss_and_grads(model, tensors)
+    torch.testing.assert_close(without.loss, with_head.loss, rtol=0, atol=0)
+    assert without_grads.keys() == with_head_grads.keys()
+    assert not any(k.startswith("decoder.px_dropout_decoder") for k in without_grads)
+    for name, grad in with_head_grads.items():
+        torch.testing.assert_close(without_grads[name], grad, rtol=0, atol=0, msg=name)
+
+
+def test_the_dropout_head_stays_for_zinb_and_other_decoders():
+    zinb = _model("zinb")
+    install_fast_likelihood(zinb)
+    assert not skip_unused_dropout_head(zinb.module)
+    assert type(zinb.module.decoder) is DecoderSCVI
+    nb = _model("nb")
+
+    class OwnDecoder(DecoderSCVI):
+        pass
+
+    nb.module.decoder.__class__ = OwnDecoder
+    assert not skip_unused_dropout_head(nb.module)
+    assert type(nb.module.decoder) is OwnDecoder
 
 
 def test_unsupported_modules_keep_the_stock_loss():
@@ -272,6 +309,7 @@ def test_training_steps_same_and_saved_model_is_stock(gene_likelihood, tmp_path)
     fast.save(tmp_path / "fast", save_anndata=False)
     loaded = scvi.model.SCVI.load(tmp_path / "fast", adata=fast.adata)
     assert type(loaded.module) is scvi.module.VAE
+    assert type(loaded.module.decoder) is DecoderSCVI
     loaded_state = loaded.module.state_dict()
     assert list(loaded_state) == list(stock_state)
     for name, value in fast_state.items():

@@ -25,7 +25,8 @@ Figures: docs/benchmarks.md, "Fast likelihood".
 `install_fast_likelihood` makes an ``scvi.model.SCVI``'s module use these sums in its loss by
 switching the module's class to `FastLikelihoodVAE`, a subclass of ``scvi.module.VAE`` that
 adds no parameters, buffers or init arguments: the state dict, ``model.save`` and
-``SCVI.load`` stay stock. Import this module lazily (it imports torch and scvi-tools).
+``SCVI.load`` stay stock. For ``nb`` and ``poisson`` it also leaves out the decoder's unused
+zero-inflation head (:mod:`census_scvi.train._decoder`). Import this module lazily (it imports torch and scvi-tools).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from scvi.module import VAE
 from scvi.module._constants import MODULE_KEYS
 
 from census_scvi.errors import CensusScviError
+from census_scvi.train._decoder import skip_unused_dropout_head
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -370,9 +372,11 @@ def install_fast_likelihood(model_or_module: Any) -> None:
     """Make an SCVI model's module compute its reconstruction loss with the fast sums.
 
     The module (a ``scvi.module.VAE``) becomes a `FastLikelihoodVAE` in place: same object,
-    parameters, state-dict keys and saved format. Modules of other classes (``LDVAE``, custom
-    subclasses) and ``gene_likelihood`` values other than nb / zinb / poisson are left as
-    they are. Calling it twice is harmless.
+    parameters, state-dict keys and saved format. For nb and poisson its stock decoder also
+    becomes a `~census_scvi.train._decoder.NoZeroInflationDecoder`, which skips the unused
+    zero-inflation head. Modules of other classes (``LDVAE``, custom subclasses) and
+    ``gene_likelihood`` values other than nb / zinb / poisson are left as they are. Calling it
+    twice is harmless.
 
     Parameters
     ----------
@@ -406,3 +410,4 @@ def install_fast_likelihood(model_or_module: Any) -> None:
         )
         return
     module.__class__ = FastLikelihoodVAE
+    skip_unused_dropout_head(module)
