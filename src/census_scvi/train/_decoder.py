@@ -44,7 +44,7 @@ class NoZeroInflationDecoder(DecoderSCVI):
 def skip_unused_dropout_head(module: Any) -> bool:
     """Switch a ``VAE``'s stock decoder to `NoZeroInflationDecoder` for ``nb`` / ``poisson``.
 
-    Returns whether it did. ``zinb`` (which reads the head), other likelihoods and decoders of
+    Returns whether the decoder now skips the head (also when it already did). ``zinb`` (which reads the head), other likelihoods and decoders of
     any other class are left as they are.
     """
     decoder = getattr(module, "decoder", None)

@@ -26,7 +26,8 @@ Figures: docs/benchmarks.md, "Fast likelihood".
 switching the module's class to `FastLikelihoodVAE`, a subclass of ``scvi.module.VAE`` that
 adds no parameters, buffers or init arguments: the state dict, ``model.save`` and
 ``SCVI.load`` stay stock. For ``nb`` and ``poisson`` it also leaves out the decoder's unused
-zero-inflation head (:mod:`census_scvi.train._decoder`). Import this module lazily (it imports torch and scvi-tools).
+zero-inflation head (:mod:`census_scvi.train._decoder`). Import this module lazily (it imports
+torch and scvi-tools).
 """
 
 from __future__ import annotations
