@@ -130,6 +130,46 @@ def test_fixed_mmap_threshold_keeps_large_arrays_off_the_heap(mode, want):
     assert out.stdout.strip() == want
 
 
+_TRIM_PROBE = """
+import ctypes
+import numpy as np
+from census_scvi._allocators import fix_mmap_threshold
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                               "usmblks", "fsmblks", "uordblks", "fordblks",
+                                               "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+assert fix_mmap_threshold(16 << 20)
+a = np.ones(8 << 20, np.uint8)  # below the mmap threshold: the heap's top
+del a
+print("kept" if libc.mallinfo2().arena >= 8 << 20 else "trimmed")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize(("trim_env", "want"), [(None, "kept"), ("131072", "trimmed")])
+def test_fixed_mmap_threshold_keeps_the_heap_top_below_twice_it(trim_env, want):
+    """With the mmap threshold fixed, glibc's trim threshold would stay at 128 KiB and a freed
+    step-sized block at the heap's top be handed back (and faulted in again next step); it is
+    fixed at twice the mmap threshold unless the environment sets it."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc < 2.33 has no mallinfo2")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.pop("CENSUS_SCVI_DEFAULT_ALLOCATORS", None)
+    if trim_env is not None:
+        env["MALLOC_TRIM_THRESHOLD_"] = trim_env
+    out = subprocess.run(
+        [sys.executable, "-c", _TRIM_PROBE], capture_output=True, text=True, env=env, check=True
+    )
+    assert out.stdout.strip() == want
+
+
 def test_rows_batch_codes_equal_labels(experiment, mini_census):
     """An encoder that sees the batch gets each cell's model code via the distinct batches,
     equal to looking up every cell's label string."""
