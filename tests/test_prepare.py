@@ -130,6 +130,8 @@ def test_artifacts_agree_with_scanpy_and_the_census(census, tmp_path):
     # the training h5ad: cells x HVGs in ascending var soma_joinid order, raw counts
     h = ad.read_h5ad(pdir / "anndata_model.h5ad")
     assert sp.issparse(h.X) and h.X.format == "csr" and h.X.dtype == np.float32
+    # one index dtype: scipy would cast all of `indices` on every mini-batch otherwise
+    assert h.X.indptr.dtype == h.X.indices.dtype == np.int32
     assert h.obs_names.tolist() == [str(i) for i in cells["soma_joinid"]]
     assert h.obs["batch"].astype(str).tolist() == expected.tolist()
     for c in ["soma_joinid", "dataset_id", "assay", "suspension_type", "donor_id", "cell_type"]:
@@ -448,3 +450,23 @@ def test_cells_table_written_in_row_groups_equals_the_frame(tmp_path):
     assert f.schema_arrow.field("soma_joinid").type == pa.int64()
     want = pd.DataFrame({"soma_joinid": joinids, "batch": labels[codes]})
     pd.testing.assert_frame_equal(pd.read_parquet(path), want)
+
+
+@pytest.mark.parametrize(("limit", "want"), [(2**31, np.int32), (10, np.int64)])
+def test_h5ad_indptr_is_int32_when_the_values_fit(tmp_path, monkeypatch, limit, want):
+    """Written in int64 blocks, ``indptr`` ends int32 (the dtype of ``indices``) below 2**31
+    stored values, so scipy's row indexing (scvi-tools' loader) copies no index array; above
+    (the limit patched down), it stays int64. The matrix reads back equal either way."""
+    from census_scvi.prepare import _io
+
+    monkeypatch.setattr(_io, "_INT32_LIMIT", limit)
+    x = sp.random(70, 9, density=0.3, format="csr", dtype=np.float32, random_state=0)
+    blocks = [x[a : a + 30] for a in range(0, 70, 30)]
+    obs = pd.DataFrame(index=[str(i) for i in range(70)])
+    var = pd.DataFrame(index=[f"g{j}" for j in range(9)])
+    path = tmp_path / "x.h5ad"
+    it = ((b.indptr.astype(np.int64), b.indices.astype(np.int32), b.data) for b in blocks)
+    assert _io.write_csr_h5ad(path, obs, var, it) == x.nnz
+    h = ad.read_h5ad(path)
+    assert h.X.indptr.dtype == want and h.X.indices.dtype == np.int32
+    assert (h.X != x).nnz == 0

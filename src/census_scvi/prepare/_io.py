@@ -64,7 +64,7 @@ def write_csr_h5ad(
 
     anndata writes obs, var and the empty slots; X is a resizable CSR group in anndata's
     on-disk format (``encoding-type: csr_matrix``), appended block by block (int64 ``indptr``,
-    so it may exceed 2**31 values). ``anndata.read_h5ad`` reads the result.
+    so it may exceed 2**31 values; rewritten as int32 at the end when the values fit). ``anndata.read_h5ad`` reads the result.
 
     Parameters
     ----------
@@ -125,7 +125,27 @@ def write_csr_h5ad(
             msg = f"internal error: wrote {rows} rows of X for {n_obs} cells"
             raise AssertionError(msg)
         g.attrs["shape"] = (n_obs, n_vars)
+        if nnz < _INT32_LIMIT:
+            _narrow_indptr(g, kw)
     return nnz
+
+
+#: Stored values below which scipy keeps a CSR's index arrays int32.
+_INT32_LIMIT = 2**31
+
+
+def _narrow_indptr(g: Any, kw: dict[str, Any]) -> None:
+    """Rewrite ``indptr`` as int32, the dtype of ``indices``.
+
+    scipy casts both index arrays to the wider dtype on every fancy row index
+    (``_major_index_fancy``), so int64 ``indptr`` with int32 ``indices`` copied all of
+    ``indices`` to int64 for each mini-batch of scvi-tools' ``AnnDataLoader``: 49.5M values
+    (396 MB of fresh pages) a step, 46% of its CPU in a perf profile at 52k cells x 8000 genes
+    (docs/benchmarks.md, "int64 indptr"). Small: one value per cell.
+    """
+    ptr = g["indptr"][:]
+    del g["indptr"]
+    g.create_dataset("indptr", data=ptr.astype(np.int32), **kw)
 
 
 #: Free space kept beyond the next block's raw bytes (HDF5's metadata, the file system's).

@@ -12,13 +12,12 @@ What costs is writing a mini-batch dense, which :func:`dense_rows` does in one n
 the current one trains (:func:`~._read_ahead.built_ahead`).
 
 Why not scvi-tools' ``AnnDataLoader``: it indexes the AnnData per mini-batch on the training
-thread, ``X[rows].toarray()``, and anndata 0.12 reads the prepared h5ad's X with int64 ``indptr``
-and int32 ``indices``: scipy's CSR row indexing then casts the *whole* matrix's index arrays to
-one dtype on every mini-batch, so its cost grows with the matrix, not with the batch (~5,100
-cells/s at the census-like shape; 100,000 cells x 8000 genes at 40% density, loaded 2-core
-machine: 1,900-2,100 cells/s, against 95,000-133,000 for this loader). The numba kernels here
-take the arrays as they are. Even without the cast, ``X[rows].toarray()`` of 1024 x 8000 at 15%
-density takes ~4.2 ms on the training thread against ~2.6 ms for :func:`dense_rows`, off it.
+thread, ``X[rows].toarray()``. Until prepare wrote ``indptr`` as int32 (:mod:`..prepare._io`),
+the h5ad held int64 ``indptr`` with int32 ``indices`` and scipy's CSR row indexing cast the
+*whole* matrix's ``indices`` to int64 on every mini-batch (~5,100 cells/s at the census-like
+shape for the loader alone). ``X[rows].toarray()`` of 1024 x 8000 at 15% density takes ~4.2 ms
+on the training thread against ~2.6 ms for :func:`dense_rows`, off it; the numba kernels take
+the index arrays in either dtype.
 :func:`gather_rows` copies a few rows when a mini-batch straddles two of stream mode's I/O
 batches.
 """
