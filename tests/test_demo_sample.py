@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from census_scvi.demo._alias import alias_rows
 from census_scvi.demo._model import BLOCK_CELLS, SHAPES, Cells, block_cells, block_rng, design
-from census_scvi.demo._sample import _alias_tables, _cluster_size, block_counts
+from census_scvi.demo._sample import _VALUE_BITS, _cluster_size, _pack, _radix_sort, block_counts
 from census_scvi.soma._writer import X_TILE
 
 
@@ -62,17 +63,21 @@ def test_cluster_sizes_invert_the_thinned_logarithmic_series():
 
 
 def test_alias_tables_draw_in_proportion_to_the_weights():
+    """Each row's table gives column j with probability w_j / sum(w), zero weights never."""
     rng = np.random.default_rng(1)
-    weights = rng.lognormal(0, 1, 12)
-    starts, sizes = np.array([0, 5, 6]), np.array([5, 1, 6])
-    accept, alias = _alias_tables(weights, starts, sizes)
-    for s0, m in zip(starts, sizes, strict=True):
+    weights = rng.lognormal(0, 1, (3, 12))
+    weights[1, [0, 4, 5]] = 0.0
+    weights[2] = 0.0
+    weights[2, 7] = 2.5  # all of one row on one column
+    accept, alias = alias_rows(weights)
+    m = weights.shape[1]
+    for r in range(len(weights)):
         u = rng.random(300_000) * m
-        slot = s0 + u.astype(np.int64)
-        got = np.where(u - u.astype(np.int64) < accept[slot], slot, alias[slot])
-        freq = np.bincount(got - s0, minlength=m) / len(got)
-        want = weights[s0 : s0 + m] / weights[s0 : s0 + m].sum()
-        np.testing.assert_allclose(freq, want, atol=0.005)
+        slot = u.astype(np.int64)
+        got = np.where(u - slot < accept[r, slot], slot, alias[r, slot])
+        freq = np.bincount(got, minlength=m) / len(got)
+        np.testing.assert_allclose(freq, weights[r] / weights[r].sum(), atol=0.005)
+        assert (freq[weights[r] == 0] == 0).all()
 
 
 @pytest.mark.parametrize("n_genes", [300, 5000])
@@ -100,3 +105,16 @@ def test_census_shape_density():
     x = block_counts(d, cells, block_rng(d, 0, 0, 1))
     nnz = np.bincount(x.rows, minlength=cells.n)
     assert 1500 <= np.median(nnz) <= 2500, np.median(nnz)
+
+
+def test_radix_sort_orders_the_keys_like_numpy():
+    """The two counting passes give np.sort's key order and keep every packed value."""
+    rng = np.random.default_rng(4)
+    n = 50_000
+    packed = _pack(
+        rng.integers(0, BLOCK_CELLS, n), rng.integers(0, 20_000, n), rng.integers(1, 9, n)
+    )
+    got = _radix_sort(packed.copy())
+    np.testing.assert_array_equal(got >> _VALUE_BITS, np.sort(packed) >> _VALUE_BITS)
+    np.testing.assert_array_equal(np.sort(got), np.sort(packed))
+    assert len(_radix_sort(packed[:0].copy())) == 0

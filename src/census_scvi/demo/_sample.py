@@ -8,12 +8,12 @@ Every count is NB(mean ``mu = L * p``, dispersion ``phi``), ``L`` the cell's lib
 - **Sparse genes**: a cost per count instead of per gene, which is what makes a 20,000-gene
   census cheap (~2,000 non-zeros per cell). NB is a compound Poisson: ``Poisson(ln(1 + phi mu) /
   phi)`` clusters per cell and gene, each of ``Logarithmic(phi mu / (1 + phi mu))`` counts.
-  Candidates are drawn at the Poisson rate ``mu`` (an upper bound) for all cells of a profile at
-  once (per profile and gene: is there a first arrival before ``sum L * p``, then how many more),
-  each is given a cell in proportion to ``L`` (an alias table per profile), and a single uniform ``v`` both thins it to the
-  cluster rate and draws its size by inversion: ``P(accept, size k) = q^k / (k x)``, with ``x =
-  phi mu`` and ``q = x / (1 + x)``, so ``v < 1 / (1 + x)`` is one count (most candidates),
-  ``v >= ln(1 + x) / x`` a rejection.
+  Candidates are drawn at the Poisson rate ``mu`` (an upper bound), all of a cell's sparse
+  genes at once (``Poisson(L * share)``, ``share`` its profile's sparse proportion), each given
+  a gene in proportion to ``p`` (an alias table per profile, :mod:`census_scvi.demo._alias`),
+  and a single uniform ``v`` both thins it to the cluster rate and draws its size by
+  inversion: ``P(accept, size k) = q^k / (k x)``, with ``x = phi mu`` and ``q = x / (1 + x)``,
+  so ``v < 1 / (1 + x)`` is one count (most candidates), ``v >= ln(1 + x) / x`` a rejection.
 
 Measured with ``python benchmarks/bench_demo_data.py --sample 20000`` (2 cores shared, load ~5):
 the census shape costs 0.29 ms of CPU per cell, every gene sampled densely 1.84 ms, for the same
@@ -40,7 +40,7 @@ __all__ = ["BlockX", "block_counts"]
 
 _VALUE_BITS = 24  # counts are packed below the (row, gene) key for one integer sort
 _MAX_SIZE_TERMS = 10_000  # inversion steps before a (vanishingly rare) cluster size is cut
-_PROFILES_PER_STEP = 16  # expression profiles sampled together by _sparse
+_CELLS_PER_STEP = 256  # cells sampled together by _sparse (~11 MB of uniforms)
 
 
 @dataclass
@@ -91,40 +91,21 @@ def _sparse(
 ) -> list[npt.NDArray[np.int64]]:
     """Compound-Poisson NB for the sparse genes (module docstring); packed, one array per step.
 
-    Profiles are taken :data:`_PROFILES_PER_STEP` at a time, so the per-candidate arrays stay
-    small enough for the CPU caches; a candidate's cell comes from its profile's alias table
-    (a binary search per candidate cost ~3x more).
+    Cells are taken in profile order (a profile's tables stay in the CPU caches while its cells
+    are sampled), :data:`_CELLS_PER_STEP` at a time, so the per-candidate uniforms stay small.
     """
+    t = d.sparse_tables
     order = np.argsort(combo, kind="stable")
-    profiles, starts, sizes = np.unique(combo[order], return_index=True, return_counts=True)
-    lib_sorted = lib[order]
-    total = np.add.reduceat(lib_sorted, starts)  # library of each profile's cells
-    accept, alias = _alias_tables(lib_sorted, starts, sizes)
+    rows, prof, lib = primary[order], combo[order], lib[order]
+    n = rng.poisson(lib * t.share[prof])  # candidates per cell: all its sparse genes at once
     out = []
-    for a in range(0, len(profiles), _PROFILES_PER_STEP):
-        b = min(a + _PROFILES_PER_STEP, len(profiles))
-        props = d.sparse_props[profiles[a:b]]
-        lam = props * total[a:b, None].astype(np.float32)
-        first = rng.standard_exponential(lam.shape, dtype=np.float32)
-        pi, gi = np.nonzero(first < lam)  # (profile, gene) with at least one candidate
-        n = 1 + rng.poisson(lam[pi, gi] - first[pi, gi])
-        n_hits = int(n.sum())
-        # two uniforms per candidate: its cell (alias table), then its thinning and size
-        u, v = rng.random(n_hits), rng.random(n_hits)
-        xbase = (d.dispersion[d.sparse[gi]] * props[pi, gi]).astype(np.float64)
+    for a in range(0, len(rows), _CELLS_PER_STEP):
+        b = min(a + _CELLS_PER_STEP, len(rows))
+        n_hits = int(n[a:b].sum())
+        u, v = rng.random(n_hits), rng.random(n_hits)  # its gene, then its thinning and size
         out.append(
             _place_candidates(
-                n,
-                u,
-                v,
-                xbase,
-                sizes[pi + a],
-                starts[pi + a],
-                accept,
-                alias,
-                lib_sorted,
-                primary[order],
-                d.sparse[gi],
+                n[a:b], u, v, rows[a:b], prof[a:b], lib[a:b], t.accept, t.alias, t.xbase, d.sparse
             )
         )
     return out
@@ -135,65 +116,41 @@ def _place_candidates(
     n: npt.NDArray[np.int64],
     u: npt.NDArray[np.float64],
     v: npt.NDArray[np.float64],
-    xbase: npt.NDArray[np.float64],
-    size_of: npt.NDArray[np.intp],
-    start_of: npt.NDArray[np.intp],
-    accept: npt.NDArray[np.float64],
-    alias: npt.NDArray[np.int64],
-    lib_sorted: npt.NDArray[np.float64],
-    row_of: npt.NDArray[np.intp],
-    gene_of: npt.NDArray[np.int64],
+    rows: npt.NDArray[np.intp],
+    prof: npt.NDArray[np.int64],
+    lib: npt.NDArray[np.float64],
+    accept: npt.NDArray[np.float32],
+    alias: npt.NDArray[np.int32],
+    xbase: npt.NDArray[np.float32],
+    genes: npt.NDArray[np.int64],
 ) -> npt.NDArray[np.int64]:
-    """The kept candidates of one step, packed (:func:`_pack`): ``n[p]`` candidates of each
-    (profile, gene) pair ``p``; each takes a cell from its profile's alias table with ``u`` and
-    is thinned and sized with ``v`` (:func:`_cluster_size`).
+    """The kept candidates of one step, packed (:func:`_pack`): ``n[c]`` candidates of each cell
+    ``c``; each takes a gene from its profile's alias table with ``u`` and is thinned and sized
+    with ``v`` (:func:`_cluster_size`).
 
-    One pass per candidate, the same draws and results as the numpy version (gathers,
-    ``np.where``, the vectorised size series, masks, the packing), with which the sparse genes
-    cost 176 us of CPU per census-shape cell (~2,800 candidates), now 125 us
-    (``python benchmarks/bench_demo_data.py --profile-blocks 20``, "sparse genes").
+    Per cell, not per (profile, gene) as before: that drew an exponential for every profile and
+    sparse gene (3.4M per census-shape block, ~1,640 per cell), a Poisson for each pair with a
+    candidate and a cell per candidate from an alias table of the profile's cells. Sparse genes:
+    124.1 -> 94.6 us of CPU per census-shape cell (``python benchmarks/bench_demo_data.py
+    --profile-blocks 20``, the old tree then this one).
     """
     out = np.empty(u.shape[0], np.int64)
+    m = accept.shape[1]
     k = 0
     i = 0
-    for p in range(n.shape[0]):
-        m = size_of[p]
-        for _ in range(n[p]):
+    for c in range(n.shape[0]):
+        p = prof[c]
+        for _ in range(n[c]):
             draw = u[i] * m
             j = np.int64(draw)
-            slot = start_of[p] + j
-            pos = slot if draw - j < accept[slot] else alias[slot]
-            size = _cluster_size(xbase[p] * lib_sorted[pos], v[i])
+            if not draw - j < accept[p, j]:
+                j = alias[p, j]
+            size = _cluster_size(np.float64(xbase[p, j]) * lib[c], v[i])
             i += 1
             if size:
-                out[k] = _pack_one(row_of[pos], gene_of[p], size)
+                out[k] = _pack_one(rows[c], genes[j], size)
                 k += 1
     return out[:k]
-
-
-def _alias_tables(
-    weights: npt.NDArray[np.float64], starts: npt.NDArray[np.intp], sizes: npt.NDArray[np.intp]
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
-    """Walker/Vose alias tables of each segment ``[start, start + size)`` of ``weights``.
-
-    Slot ``i`` of a segment keeps itself with probability ``accept[i]``, else gives ``alias[i]``;
-    drawing a uniform slot of the segment then gives each index with probability ``w / sum(w)``.
-    """
-    accept = np.ones(len(weights))
-    alias = np.arange(len(weights), dtype=np.int64)
-    for s0, m in zip(starts.tolist(), sizes.tolist(), strict=True):
-        if m == 1:
-            continue
-        w = weights[s0 : s0 + m]
-        p = (w * (m / w.sum())).tolist()
-        small = [i for i in range(m) if p[i] < 1.0]
-        large = [i for i in range(m) if p[i] >= 1.0]
-        while small and large:
-            lo, hi = small.pop(), large.pop()
-            accept[s0 + lo], alias[s0 + lo] = p[lo], s0 + hi
-            p[hi] += p[lo] - 1.0
-            (small if p[hi] < 1.0 else large).append(hi)
-    return accept, alias
 
 
 @numba.njit(nogil=True, cache=True)  # type: ignore[misc]
@@ -272,9 +229,44 @@ def _duplicate_rows(cells: Cells, packed: npt.NDArray[np.int64]) -> npt.NDArray[
 def _global_order(packed: npt.NDArray[np.int64], *, start: int) -> BlockX:
     """Sorted: tile by tile, row-major inside a tile (TileDB's global order); counts of one cell
     and gene (several clusters) summed."""
-    packed.sort()
-    rows, cols, values, n = _decode_sorted(packed, start)
+    rows, cols, values, n = _decode_sorted(_radix_sort(packed), start)
     return BlockX(rows[:n], cols[:n], values[:n])
+
+
+@numba.njit(nogil=True, cache=True)  # type: ignore[misc]
+def _radix_sort(packed: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """``packed`` ordered by its key (column tile, row, column in tile); the count bits below
+    are left in any order (equal keys are summed after).
+
+    Two stable counting passes, the column in the tile then (tile, row), instead of
+    ``np.sort``. Census-shape blocks, CPU per cell of the sort and :func:`_decode_sorted`, on
+    one machine (``python benchmarks/bench_demo_data.py --profile-blocks 20``, "global order"):
+    ``np.sort`` 237 us with the earlier per-gene sparse sampler, 247 us with the per-cell one
+    (random gene order within a cell), these passes 67 us. numpy has no radix sort for 64-bit
+    integers.
+    """
+    n = packed.shape[0]
+    tmp = np.empty_like(packed)
+    low = np.zeros(_LOW + 2, np.int64)
+    for i in range(n):
+        low[((packed[i] >> _VALUE_BITS) & _LOW) + 1] += 1
+    for d in range(1, low.shape[0]):
+        low[d] += low[d - 1]
+    for i in range(n):
+        d = (packed[i] >> _VALUE_BITS) & _LOW
+        tmp[low[d]] = packed[i]
+        low[d] += 1
+    high = np.zeros((packed.max() >> _ROW_SHIFT) + 2 if n else 1, np.int64)
+    for i in range(n):
+        high[(tmp[i] >> _ROW_SHIFT) + 1] += 1
+    for d in range(1, high.shape[0]):
+        high[d] += high[d - 1]
+    out = packed  # sorted in place of the input
+    for i in range(n):
+        d = tmp[i] >> _ROW_SHIFT
+        out[high[d]] = tmp[i]
+        high[d] += 1
+    return out
 
 
 @numba.njit(nogil=True, cache=True)  # type: ignore[misc]
