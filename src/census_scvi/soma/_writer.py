@@ -72,10 +72,17 @@ _X_FILTERS = {
 }
 # TileDB's per-cell checks of a global-order write: ~40% of its CPU. Turned off only for writers
 # whose order holds by construction (CountsWriter(checked=False)), with tests on the round trip.
+# Those writers run one per core (the mini census's writer processes), so TileDB's own thread
+# pools only wait for each other: their waits spin in sched_yield (~6% of a 250k-cell census's
+# samples in `perf record -g`). One thread each: 250,000 census-shape cells, 2 writers,
+# interleaved runs 3,454 / 3,698 -> 3,898 / 3,977 cells/s, system CPU 24.7 / 20.6 -> 14.5 /
+# 14.2 s (`bench_demo_data.py --sizes 250000 --genes 20000 --shape census --processes 2`).
 _UNCHECKED: dict[str, str | float] = {
     "sm.check_coord_dups": "false",
     "sm.check_coord_oob": "false",
     "sm.check_global_order": "false",
+    "sm.compute_concurrency_level": "1",
+    "sm.io_concurrency_level": "1",
 }
 
 
