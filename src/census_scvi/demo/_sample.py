@@ -17,7 +17,9 @@ Every count is NB(mean ``mu = L * p``, dispersion ``phi``), ``L`` the cell's lib
 
 Measured with ``python benchmarks/bench_demo_data.py --sample 20000`` (2 cores shared, load ~5):
 the census shape costs 0.29 ms of CPU per cell, every gene sampled densely 1.84 ms, for the same
-2,066 non-zeros per cell (the two paths sample one distribution; see also the NB oracle tests).
+2,066 non-zeros per cell (the two paths sample one distribution; see also the NB oracle tests),
+before the per-cell sparse sampler and the counting sort (docs/benchmarks.md, "Census shape:
+per-cell sparse sampling", has this machine's figures since).
 The non-zeros come out in TileDB's global order, ready for
 :class:`~census_scvi.soma._writer.CountsWriter`.
 """
