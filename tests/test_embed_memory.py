@@ -85,7 +85,8 @@ def test_lean_allocators_turn_off_numpy_huge_pages_unless_kept(monkeypatch):
         multiarray._set_madvise_hugepage(before)
 
 
-_MMAP_PROBE = """
+# glibc's malloc statistics (mallinfo2) in a fresh interpreter, for the probes below
+_MALLINFO = """
 import ctypes, sys
 import numpy as np
 from census_scvi._allocators import fix_mmap_threshold
@@ -97,6 +98,11 @@ class Info(ctypes.Structure):
 
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Info
+"""
+
+_MMAP_PROBE = (
+    _MALLINFO
+    + """
 if sys.argv[1] == "fixed":
     assert fix_mmap_threshold(16 << 20)
 a = np.ones(24 << 20, np.uint8)
@@ -105,6 +111,7 @@ mapped = libc.mallinfo2().hblkhd
 b = np.ones(24 << 20, np.uint8)
 print("mapped" if libc.mallinfo2().hblkhd - mapped >= 24 << 20 else "heap")
 """
+)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
@@ -130,23 +137,15 @@ def test_fixed_mmap_threshold_keeps_large_arrays_off_the_heap(mode, want):
     assert out.stdout.strip() == want
 
 
-_TRIM_PROBE = """
-import ctypes
-import numpy as np
-from census_scvi._allocators import fix_mmap_threshold
-
-class Info(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-                                               "usmblks", "fsmblks", "uordblks", "fordblks",
-                                               "keepcost")]
-
-libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = Info
+_TRIM_PROBE = (
+    _MALLINFO
+    + """
 assert fix_mmap_threshold(16 << 20)
 a = np.ones(8 << 20, np.uint8)  # below the mmap threshold: the heap's top
 del a
 print("kept" if libc.mallinfo2().arena >= 8 << 20 else "trimmed")
 """
+)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
