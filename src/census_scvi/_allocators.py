@@ -34,9 +34,9 @@ __all__ = ["KEEP_ENV", "TRAIN_MMAP_THRESHOLD", "fix_mmap_threshold", "libc", "us
 #: ``benchmarks/bench_train_rss.py`` (docs/benchmarks.md, "Train RSS in a long epoch").
 #: The trim threshold is fixed with it, at twice the mmap threshold (glibc's own pairing when it
 #: adjusts them): at its 128 KiB default the heap's top was handed back after every step and
-#: faulted in again in the next (n_hidden 512, 8000 genes, memory mode, 1 epoch timed: system
-#: CPU 20.0 -> 7.8 s, 1,622 -> 1,836 cells/s, peak RSS 2.07 -> 2.08 GiB; docs/benchmarks.md,
-#: "glibc's trim threshold").
+#: faulted in again in the next (n_hidden 512, 8000 genes, memory mode, 1 epoch timed, 128 KiB
+#: against 128 MiB: system CPU 15.1 -> 11.5 s, 1,956 -> 2,177 cells/s; docs/benchmarks.md,
+#: "A fair baseline ... glibc's trim threshold").
 TRAIN_MMAP_THRESHOLD = 64 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 

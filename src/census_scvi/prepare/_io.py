@@ -64,7 +64,8 @@ def write_csr_h5ad(
 
     anndata writes obs, var and the empty slots; X is a resizable CSR group in anndata's
     on-disk format (``encoding-type: csr_matrix``), appended block by block (int64 ``indptr``,
-    so it may exceed 2**31 values; rewritten as int32 at the end when the values fit). ``anndata.read_h5ad`` reads the result.
+    so it may exceed 2**31 values; rewritten as int32 at the end when the values fit).
+    ``anndata.read_h5ad`` reads the result.
 
     Parameters
     ----------
@@ -141,7 +142,7 @@ def _narrow_indptr(g: Any, kw: dict[str, Any]) -> None:
     (``_major_index_fancy``), so int64 ``indptr`` with int32 ``indices`` copied all of
     ``indices`` to int64 for each mini-batch of scvi-tools' ``AnnDataLoader``: 49.5M values
     (396 MB of fresh pages) a step, 46% of its CPU in a perf profile at 52k cells x 8000 genes
-    (docs/benchmarks.md, "int64 indptr"). Small: one value per cell.
+    (docs/benchmarks.md, "A fair baseline"). Small: one value per cell.
     """
     ptr = g["indptr"][:]
     del g["indptr"]
