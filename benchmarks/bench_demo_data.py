@@ -136,13 +136,14 @@ import numpy as np
 from census_scvi._allocators import use_lean_allocators
 from census_scvi.demo import _sample as S
 from census_scvi.demo._model import BLOCK_CELLS, SHAPES, block_cells, block_rng, design
-from census_scvi.demo._tables import BlockStats, obs_block, obs_categories
+from census_scvi.demo._tables import BlockStats, OrganismCounts, obs_block, obs_categories
 from census_scvi.soma._schema import OBS_COLUMNS
 from census_scvi.soma._writer import schema_table
 
 use_lean_allocators()
 d = design("homo_sapiens", 1_000_000, 20_000, 0, SHAPES["census"])
 cats = obs_categories(d)
+counts = OrganismCounts.zeros(d)
 cpu = {{}}
 def step(name, t0):
     cpu[name] = cpu.get(name, 0.0) + time.process_time() - t0
@@ -161,6 +162,7 @@ for b in range({n}):
     parts += [S._duplicate_rows(cells, p) for p in parts]; t = step("duplicate cells", t)
     bx = S._global_order(np.concatenate(parts), start=cells.start); t = step("global order", t)
     stats = BlockStats.of(bx, cells); t = step("row stats", t)
+    counts.count(d, cells, bx, stats); t = step("dataset counts", t)
     schema_table(obs_block(d, cells, stats, cats), OBS_COLUMNS, first_joinid=cells.start)
     t = step("obs table", t)
     nnz += len(bx.values)

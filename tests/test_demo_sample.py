@@ -8,6 +8,7 @@ import pytest
 from census_scvi.demo._alias import alias_rows
 from census_scvi.demo._model import BLOCK_CELLS, SHAPES, Cells, block_cells, block_rng, design
 from census_scvi.demo._sample import _VALUE_BITS, _cluster_size, _pack, _radix_sort, block_counts
+from census_scvi.demo._tables import BlockStats, OrganismCounts
 from census_scvi.soma._writer import X_TILE
 
 
@@ -118,3 +119,20 @@ def test_radix_sort_orders_the_keys_like_numpy():
     np.testing.assert_array_equal(got >> _VALUE_BITS, np.sort(packed) >> _VALUE_BITS)
     np.testing.assert_array_equal(np.sort(got), np.sort(packed))
     assert len(_radix_sort(packed[:0].copy())) == 0
+
+
+def test_dataset_gene_counts_equal_a_dense_oracle():
+    """OrganismCounts.count: cells with a count per (stored dataset, gene), as dense numpy says."""
+    d = design("homo_sapiens", 3 * BLOCK_CELLS, 3000, 5, SHAPES["census"])
+    counts = OrganismCounts.zeros(d)
+    want = np.zeros_like(counts.dataset_gene_nnz)
+    for b in (0, 2):
+        cells = block_cells(d, b, 5)
+        x = block_counts(d, cells, block_rng(d, b, 5, 1))
+        counts.count(d, cells, x, BlockStats.of(x, cells))
+        dense = np.zeros((cells.n, d.n_genes), dtype=bool)
+        dense[x.rows - cells.start, x.cols] = True
+        for ds in range(len(d.datasets)):
+            want[ds] += dense[cells.obs_dataset(d) == ds].sum(axis=0)
+    assert want[-1].sum() > 0  # the duplicates' compilation row is counted too
+    np.testing.assert_array_equal(counts.dataset_gene_nnz, want)

@@ -92,10 +92,9 @@ class OrganismCounts:
 
     def count(self, d: Design, cells: Cells, x: BlockX, stats: BlockStats) -> None:
         """Add one block."""
-        n_ds, n_genes = self.dataset_gene_nnz.shape
+        n_ds = len(self.obs_per_dataset)
         obs_ds = cells.obs_dataset(d)
-        flat = obs_ds[x.rows - cells.start] * n_genes + x.cols
-        self.dataset_gene_nnz += np.bincount(flat, minlength=n_ds * n_genes).reshape(n_ds, n_genes)
+        _count_genes(self.dataset_gene_nnz, obs_ds, x.rows, x.cols, cells.start)
         self.obs_per_dataset += np.bincount(obs_ds, minlength=n_ds)
         self.source_per_dataset += np.bincount(cells.dataset, minlength=n_ds)
         self.per_type += np.bincount(cells.cell_type, minlength=len(self.per_type))
@@ -117,6 +116,25 @@ class OrganismCounts:
     @property
     def var_nnz(self) -> npt.NDArray[np.int64]:
         return self.dataset_gene_nnz.sum(axis=0)
+
+
+@numba.njit(nogil=True, cache=True)  # type: ignore[misc]
+def _count_genes(
+    into: npt.NDArray[np.int64],
+    obs_ds: npt.NDArray[np.intp],
+    rows: npt.NDArray[np.int64],
+    cols: npt.NDArray[np.int64],
+    start: int,
+) -> None:
+    """``into[dataset of the row, gene] += 1`` per non-zero, in place.
+
+    One pass instead of ``np.bincount`` of the flat (dataset, gene) index (its int64 temporaries
+    and a (datasets x genes) result per block): 18.2 / 17.8 -> 7.0 / 7.2 us of CPU per
+    census-shape cell (``python benchmarks/bench_demo_data.py --profile-blocks 20``, "dataset
+    counts", the old tree then this one, twice).
+    """
+    for i in range(rows.shape[0]):
+        into[obs_ds[rows[i] - start], cols[i]] += 1
 
 
 # ------------------------------------------------------------------------------------------
