@@ -135,13 +135,21 @@ def _place_candidates(
     candidate and a cell per candidate from an alias table of the profile's cells. Sparse genes:
     124.1 -> 94.6 us of CPU per census-shape cell (``python benchmarks/bench_demo_data.py
     --profile-blocks 20``, the old tree then this one).
+
+    A cell's clusters of one gene are summed here (``total``, reset per cell), so each gene is one
+    entry: a third fewer entries for :func:`_radix_sort` and the duplicate copies. "sparse
+    genes" + "global order" 68.2 + 60.5 -> 75.3 + 41.8 us per cell, the same counts (the summed
+    sizes stay far below the 24 value bits: a sparse gene's mean is under ~1,000 counts).
     """
     out = np.empty(u.shape[0], np.int64)
     m = accept.shape[1]
+    total = np.zeros(m, np.int32)  # this cell's count per sparse gene so far
+    touched = np.empty(n.max() if n.shape[0] else 0, np.int64)  # its genes with a count
     k = 0
     i = 0
     for c in range(n.shape[0]):
         p = prof[c]
+        t = 0
         for _ in range(n[c]):
             draw = u[i] * m
             j = np.int64(draw)
@@ -150,8 +158,15 @@ def _place_candidates(
             size = _cluster_size(np.float64(xbase[p, j]) * lib[c], v[i])
             i += 1
             if size:
-                out[k] = _pack_one(rows[c], genes[j], size)
-                k += 1
+                if total[j] == 0:
+                    touched[t] = j
+                    t += 1
+                total[j] += size
+        for q in range(t):  # one entry per gene: a third fewer non-zeros for the sort
+            j = touched[q]
+            out[k] = _pack_one(rows[c], genes[j], total[j])
+            total[j] = 0
+            k += 1
     return out[:k]
 
 
