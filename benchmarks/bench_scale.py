@@ -98,7 +98,8 @@ def run_size(args: argparse.Namespace, n: int) -> dict:
     if run_dir.exists() and "prepare" in stages:
         shutil.rmtree(run_dir)
     query = root / f"query-{n}.h5ad"
-    _query(census, query, args.query_cells)
+    if "map" in stages:
+        _query(census, query, args.query_cells)
     sets = [
         "--set", "train.mode=stream", "--set", "train.max_epochs=1",
         "--set", f"hvg.top_n_hvg={args.hvg}", "--set", f"evaluate.sample_size={args.sample}",
@@ -260,10 +261,11 @@ def main() -> None:
                    help="extra demo-data flags (last on the line)")  # fmt: skip
     p.add_argument(
         "--stages",
-        nargs="+",
+        nargs="*",
         default=list(STAGES),
         choices=STAGES,
-        help="stages to run (without prepare the run directory is kept)",
+        help="stages to run (without prepare the run directory is kept; none: only build "
+        "the censuses)",
     )
     p.add_argument(
         "--model-from",
