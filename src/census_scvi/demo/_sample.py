@@ -165,7 +165,8 @@ def _place_candidates(
         for q in range(t):  # one entry per gene: a third fewer non-zeros for the sort
             j = touched[q]
             if total[j] >> _VALUE_BITS:  # pragma: no cover - beyond any library size
-                raise ValueError("a sparse gene's count does not fit the value bits")
+                msg = "a sparse gene's count does not fit the value bits"
+                raise ValueError(msg)
             out[k] = _pack_one(rows[c], genes[j], total[j])
             total[j] = 0
             k += 1

@@ -128,8 +128,13 @@ def _read_chunk(
     tables = list(X.read(coords=(obs_coords,)).tables())
     if tables:
         # concatenated by numpy, not pa.concat_tables + to_numpy: pyarrow's pool (mimalloc)
-        # spent ~7 s of system CPU per 16k-cell read there (census_scvi._allocators)
+        # spent ~7 s of system CPU per 16k-cell read there (census_scvi._allocators). One
+        # table (the usual case: 128 MiB read buffers per column) is used as it is, without a
+        # copy: copying every chunk's 20 bytes per value into fresh pages cost prepare ~15 s
+        # of system CPU at 1M cells (docs/benchmarks.md, "No regression?").
         def column(name: str) -> npt.NDArray[Any]:
+            if len(tables) == 1:
+                return tables[0].column(name).to_numpy()
             return np.concatenate([t.column(name).to_numpy() for t in tables])
 
         dim0, cols = column("soma_dim_0"), column("soma_dim_1")
