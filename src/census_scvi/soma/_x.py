@@ -131,7 +131,7 @@ def _read_chunk(
         # spent ~7 s of system CPU per 16k-cell read there (census_scvi._allocators). One
         # table (the usual case: 128 MiB read buffers per column) is used as it is, without a
         # copy: copying every chunk's 20 bytes per value into fresh pages cost prepare ~15 s
-        # of system CPU at 1M cells (docs/benchmarks.md, "No regression?").
+        # of its 116 s at 1M default-shape cells (docs/benchmarks.md, "No regression?").
         def column(name: str) -> npt.NDArray[Any]:
             if len(tables) == 1:
                 return tables[0].column(name).to_numpy()
