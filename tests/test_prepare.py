@@ -406,17 +406,22 @@ def test_plan_chunks_respects_the_budget():
     assert [c.stop - c.start for c in even[:2]] == [6, 6]
 
 
+@pytest.mark.parametrize("buffer", [None, 4096])  # one table per read; several (4 KiB buffers)
 @pytest.mark.parametrize("every", [1, 3, 20])  # dense ranges and scattered points
-def test_iter_x_chunks_reads_exactly_the_selection(census, every):
+def test_iter_x_chunks_reads_exactly_the_selection(census, every, buffer):
     import tiledbsoma as soma
 
     from census_scvi.soma import iter_x_chunks, plan_chunks
+    from census_scvi.soma._x import tiledb_read_config
 
     uri, adata = census
     ids = np.arange(5, adata.n_obs, every, dtype=np.int64)
     genes = np.array([3, 4, 50, 299], dtype=np.int64)
     chunks = plan_chunks(None, len(ids), chunk_nnz=5000, mean_nnz=100)
-    with soma.open(f"{uri}/census_data/homo_sapiens") as exp:
+    context = (
+        None if buffer is None else soma.SOMATileDBContext(tiledb_config=tiledb_read_config(buffer))
+    )
+    with soma.open(f"{uri}/census_data/homo_sapiens", context=context) as exp:
         X = exp.ms["RNA"].X["raw"]
         for var in (None, genes):
             got = sp.lil_matrix((len(ids), adata.n_vars), dtype=np.float32)
