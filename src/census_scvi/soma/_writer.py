@@ -52,8 +52,8 @@ X_TILE = 2048  # X space-tile extent on both dims (tiledbsoma's default, declare
 WRITE_NNZ = 4_000_000  # buffered non-zeros per CountsWriter submit (bounded memory)
 # X filters: ByteShuffle before zstd level 1 on every column. 15.6M census-shape non-zeros: 25 MB
 # in 1.1 s of CPU, tiledbsoma's default (zstd 3, no shuffle) 30 MB in 2.2 s (both with TileDB's
-# order checks off; 2 cores shared, load ~9). The row ids had DoubleDelta instead of ByteShuffle:
-# the same size (13.34 vs 13.32 bits per value), 48 vs 52-55 ns of write CPU per value, and reads
+# order checks off; 2 cores shared, load ~9). The row ids had DoubleDelta; ByteShuffle against it:
+# the same size (13.32 vs 13.34 bits per value), 48 vs 52-55 ns of write CPU per value, and reads
 # no slower (29 vs 37 ns per value; an ad-hoc script: 8 census-shape blocks written through
 # CountsWriter both ways, then read back whole with tiledbsoma; 2026-12-02).
 _X_FILTERS = {
