@@ -20,12 +20,14 @@ from census_scvi.errors import CensusScviError
 from census_scvi.train._decoder import NoZeroInflationDecoder, skip_unused_dropout_head
 from census_scvi.train._likelihood import (
     FastLikelihoodVAE,
+    _find_nonzeros,
     fast_log_prob_sum,
     install_fast_likelihood,
     nb_log_likelihood,
     poisson_log_likelihood,
     zinb_log_likelihood,
 )
+from census_scvi.train._softmax_nb import SoftmaxNegativeBinomial
 
 N_CELLS, N_GENES = 96, 300
 
@@ -202,6 +204,55 @@ def test_module_loss_and_every_gradient_unchanged(gene_likelihood, dtype, rtol):
         _close(fast_grads[name], grad, rtol, floor=rounding)
 
 
+@pytest.mark.parametrize("library_grad", [False, True])
+def test_softmax_nb_equals_autograd_through_scvi_tools(library_grad):
+    """From the logits: softmax, library product and log_nb_positive, differentiated by autograd."""
+    x, mu, theta, _ = _data(torch.float64)
+    logits = torch.log(mu)  # means down to 1e-7 of each other, counts up to 5000
+    library = torch.log(torch.linspace(10.0, 1e5, N_CELLS, dtype=torch.float64)).unsqueeze(1)
+    stock = _leaves(logits, library, theta)
+    scale = torch.softmax(stock[0], -1)
+    rate = torch.exp(stock[1]) * scale
+    expected = log_nb_positive(x, rate, stock[2].expand_as(rate), eps=1e-8).sum(-1)
+    fused = _leaves(logits, library, theta)
+    with torch.no_grad():
+        scale, rate = torch.softmax(logits, -1), torch.exp(library) * torch.softmax(logits, -1)
+    got = SoftmaxNegativeBinomial.apply(
+        fused[0],
+        fused[1] if library_grad else library,
+        fused[2],
+        scale,
+        rate,
+        _find_nonzeros(x),
+        1e-8,
+    )
+    _close(got, expected.detach(), 1e-12)
+    wanted = [0, 1, 2] if library_grad else [0, 2]
+    grads = _grads(got, [fused[i] for i in wanted])
+    for grad, oracle in zip(grads, _grads(expected, [stock[i] for i in wanted]), strict=True):
+        _close(grad, oracle, 1e-10)
+
+
+def test_module_nb_loss_goes_through_the_logits_and_leaves_nothing_behind():
+    model = _model("nb")
+    install_fast_likelihood(model)
+    module = model.module
+    tensors = next(iter(model._make_data_loader(model.adata, batch_size=64)))
+    inference, generative, losses = module(tensors, loss_kwargs={"kl_weight": 1.0})
+    px = generative["px"]
+    assert px.census_scvi_softmax.rate.data_ptr() == px.mu.data_ptr()
+    assert "last_softmax" not in vars(module.decoder)  # handed over, not kept
+    nodes, seen = [losses.loss.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.extend(n for n, _ in node.next_functions)
+    assert any("SoftmaxNegativeBinomial" in type(n).__name__ for n in seen)
+    copy.deepcopy(module)  # no graph left on the module
+
+
 @pytest.mark.parametrize("gene_likelihood", ["nb", "poisson"])
 def test_skipping_the_unused_dropout_head_changes_no_value_or_gradient(gene_likelihood):
     """Bit for bit: the same loss and gradients with the head computed and left out."""
@@ -212,6 +263,7 @@ def test_skipping_the_unused_dropout_head_changes_no_value_or_gradient(gene_like
     with_head, with_head_grads = _loss_and_grads(model, tensors)
     assert skip_unused_dropout_head(model.module)
     assert type(model.module.decoder) is NoZeroInflationDecoder
+    model.module.decoder.keeps_logits = False  # the same loss path as with the stock decoder
     without, without_grads = _loss_and_grads(model, tensors)
     torch.testing.assert_close(without.loss, with_head.loss, rtol=0, atol=0)
     assert without_grads.keys() == with_head_grads.keys()

@@ -45,6 +45,13 @@ from scvi.module._constants import MODULE_KEYS
 
 from census_scvi.errors import CensusScviError
 from census_scvi.train._decoder import skip_unused_dropout_head
+from census_scvi.train._softmax_nb import SoftmaxLogits, SoftmaxNegativeBinomial
+from census_scvi.train._sparse_input import (
+    SparseFirstLayerFCLayers,
+    SparseRows,
+    sparse_first_layer,
+    sparse_rows_of,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -62,6 +69,8 @@ logger = logging.getLogger(__name__)
 
 _EPS = 1e-8  # scvi-tools' eps in NegativeBinomial and ZeroInflatedNegativeBinomial.log_prob
 _SUPPORTED = ("nb", "zinb", "poisson")
+_SOFTMAX_ATTR = "census_scvi_softmax"  # the decoder's logits, on a NegativeBinomial px
+_NONZEROS_ATTR = "census_scvi_nonzeros"  # a mini-batch's non-zeros, on its counts tensor
 
 
 class _Nonzeros(NamedTuple):
@@ -87,6 +96,17 @@ def _find_nonzeros(x: Tensor) -> _Nonzeros:
     starts = torch.arange(n_cells + 1, device=x.device) * n_genes
     lengths = torch.searchsorted(index, starts).diff()
     return _Nonzeros(index, gene, lengths, counts=flat.index_select(0, index))
+
+
+def _batch_nonzeros(x: Tensor) -> _Nonzeros:
+    """`_find_nonzeros` of a mini-batch's counts, found once per step: kept on the tensor
+    itself (the same object reaches ``inference`` and ``loss``), for as long as it is unchanged."""
+    kept = getattr(x, _NONZEROS_ATTR, None)
+    if kept is not None and kept[0] == x._version:
+        return kept[1]
+    nz = _find_nonzeros(x)
+    setattr(x, _NONZEROS_ATTR, (x._version, nz))
+    return nz
 
 
 def _per_cell(values: Tensor, nz: _Nonzeros) -> Tensor:
@@ -314,15 +334,38 @@ def fast_log_prob_sum(px: Any, x: Tensor) -> Tensor | None:
     dense_cpu = x.device.type == "cpu" and x.layout == torch.strided and x.is_floating_point()
     if not dense_cpu or x.dim() != 2 or mu.shape != x.shape:
         return None
-    nz = _find_nonzeros(x)
+    nz = _batch_nonzeros(x)
     if not _counts_in_support(x, nz):
         return None
     if kind is Poisson:
         return _poisson(mu, nz)
     theta = _gene_wise(px.theta, x.shape)
     if kind is NegativeBinomial:
+        softmax = _softmax_of(px, mu, theta)
+        if softmax is not None:
+            return SoftmaxNegativeBinomial.apply(
+                softmax.logits, softmax.library, theta, softmax.scale, mu, nz, px._eps
+            )
         return _nb(x, mu, theta, nz, px._eps)
     return _zinb(x, mu, theta, px.zi_logits, nz, _EPS)
+
+
+def _softmax_of(px: Any, mu: Tensor, theta: Tensor) -> SoftmaxLogits | None:
+    """The decoder's logits behind ``px``'s mean (`FastLikelihoodVAE.generative`), where they
+    are that mean's: same data, shape and dtype, a (cells, genes) softmax, gene-wise theta."""
+    softmax = getattr(px, _SOFTMAX_ATTR, None)
+    if not isinstance(softmax, SoftmaxLogits) or theta.dim() != 1:
+        return None
+    rate = softmax.rate
+    same = (
+        rate.shape == mu.shape
+        and rate.dtype == mu.dtype
+        and rate.data_ptr() == mu.data_ptr()
+        and rate.stride() == mu.stride()
+        and softmax.logits.shape == mu.shape
+        and softmax.library.shape == (mu.shape[0], 1)
+    )
+    return softmax if same else None
 
 
 class _SummedLogProb:
@@ -347,6 +390,65 @@ class FastLikelihoodVAE(VAE):
     ``VAE``'s and a saved model loads as a plain ``scvi.model.SCVI``. Made by
     `install_fast_likelihood`, never built directly.
     """
+
+    def _regular_inference(
+        self,
+        x: Tensor,
+        batch_index: Tensor,
+        cont_covs: Tensor | None = None,
+        cat_covs: Tensor | None = None,
+        n_samples: int = 1,
+    ) -> dict[str, Any]:
+        """``VAE._regular_inference``; its encoder's first layer from the non-zeros where it can.
+
+        That is (:mod:`census_scvi.train._sparse_input`): counts of one dense CPU (cells, genes)
+        batch in the likelihood's support, ``log_variational``, the observed library size, one
+        sample, and an encoder without covariates. Otherwise ``VAE``'s own.
+        """
+        rows = self._sparse_encoder_input(x, n_samples)
+        if rows is None:
+            return super()._regular_inference(x, batch_index, cont_covs, cat_covs, n_samples)
+        library = torch.log(x.sum(1)).unsqueeze(1)
+        qz, z = self.z_encoder(rows, batch_index)
+        return {
+            MODULE_KEYS.Z_KEY: z,
+            MODULE_KEYS.QZ_KEY: qz,
+            MODULE_KEYS.QL_KEY: None,
+            MODULE_KEYS.LIBRARY_KEY: library,
+        }
+
+    def _sparse_encoder_input(self, x: Tensor, n_samples: int) -> SparseRows | None:
+        layers = getattr(self.z_encoder, "encoder", None)
+        fits = (
+            type(layers) is SparseFirstLayerFCLayers
+            and x.dim() == 2
+            and layers.fc_layers[0][0].in_features == x.shape[1]  # nothing concatenated
+            and self.use_observed_lib_size
+            and self.log_variational
+            and n_samples == 1
+            and x.device.type == "cpu"
+            and x.layout == torch.strided
+            and x.is_floating_point()
+        )
+        if not fits:
+            return None
+        nz = _batch_nonzeros(x)
+        return sparse_rows_of(x, nz) if _counts_in_support(x, nz) else None
+
+    def generative(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``VAE.generative``, with the decoder's logits attached to a negative binomial ``px``.
+
+        The decoder (`~census_scvi.train._decoder.NoZeroInflationDecoder`) hands them over once;
+        the loss then differentiates the likelihood from them
+        (:class:`~census_scvi.train._softmax_nb.SoftmaxNegativeBinomial`).
+        """
+        outputs: dict[str, Any] = super().generative(*args, **kwargs)
+        take = getattr(self.decoder, "take_softmax_logits", None)
+        softmax = take() if take is not None else None
+        px = outputs.get(MODULE_KEYS.PX_KEY)
+        if softmax is not None and type(px) is NegativeBinomial:
+            setattr(px, _SOFTMAX_ATTR, softmax)
+        return outputs
 
     def loss(
         self,
@@ -412,3 +514,4 @@ def install_fast_likelihood(model_or_module: Any) -> None:
         return
     module.__class__ = FastLikelihoodVAE
     skip_unused_dropout_head(module)
+    sparse_first_layer(module.z_encoder)

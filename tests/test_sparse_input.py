@@ -1,0 +1,87 @@
+"""The encoder's first layer from the counts' non-zeros against the dense layer scvi-tools runs."""
+
+from __future__ import annotations
+
+import pytest
+import scvi
+import torch
+from scvi.nn import FCLayers
+
+from census_scvi.train._likelihood import _find_nonzeros, install_fast_likelihood
+from census_scvi.train._sparse_input import (
+    SparseFirstLayerFCLayers,
+    sparse_first_layer,
+    sparse_linear,
+    sparse_rows_of,
+)
+
+
+def _counts(dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    keep = torch.rand((70, 130), generator=g) < 0.15
+    x = torch.where(keep, torch.poisson(torch.full((70, 130), 4.0), generator=g) + 1, 0.0)
+    x[3] = 0.0  # a cell without counts
+    x[:, 7] = 0.0  # a gene without counts
+    x[5, :] = 2.0  # a dense cell
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_sparse_linear_equals_the_dense_layer_on_log1p(dtype, rtol, bias):
+    x = _counts(dtype)
+    layer = torch.nn.Linear(x.shape[1], 33, bias=bias).to(dtype)
+    weights = torch.linspace(-1.0, 2.0, 70 * 33, dtype=dtype).reshape(70, 33)  # upstream grad
+    dense = layer(torch.log1p(x))
+    expected = list(torch.autograd.grad((dense * weights).sum(), list(layer.parameters())))
+    got = sparse_linear(layer, sparse_rows_of(x, _find_nonzeros(x)))
+    scale = float(dense.detach().abs().max())
+    torch.testing.assert_close(got, dense.detach(), rtol=0, atol=rtol * scale)
+    grads = torch.autograd.grad((got * weights).sum(), list(layer.parameters()))
+    for grad, oracle in zip(grads, expected, strict=True):
+        assert grad.shape == oracle.shape
+        assert grad.is_contiguous()
+        torch.testing.assert_close(grad, oracle, rtol=0, atol=rtol * float(oracle.abs().max()))
+
+
+def _graph_names(loss: torch.Tensor) -> set[str]:
+    nodes, seen = [loss.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.extend(n for n, _ in node.next_functions)
+    return {type(n).__name__ for n in seen}
+
+
+def _model(**kwargs) -> scvi.model.SCVI:
+    scvi.settings.seed = 0
+    adata = scvi.data.synthetic_iid(batch_size=100, n_genes=80, n_batches=2)
+    scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+    return scvi.model.SCVI(adata, n_hidden=16, n_latent=4, n_layers=2, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:The value argument must be within the support")
+def test_the_module_uses_it_for_counts_and_the_dense_layer_otherwise():
+    model = _model()
+    install_fast_likelihood(model)
+    assert type(model.module.z_encoder.encoder) is SparseFirstLayerFCLayers
+    tensors = next(iter(model._make_data_loader(model.adata, batch_size=64)))
+    _, _, losses = model.module(tensors, loss_kwargs={"kl_weight": 1.0})
+    assert "_SparseLinearBackward" in _graph_names(losses.loss)
+    tensors["X"] = tensors["X"] + 0.5  # not counts: scvi-tools' own path, dense log1p
+    _, _, losses = model.module(tensors, loss_kwargs={"kl_weight": 1.0})
+    assert "_SparseLinearBackward" not in _graph_names(losses.loss)
+    assert torch.isfinite(losses.loss)
+
+
+def test_an_encoder_with_covariates_keeps_its_dense_layer():
+    model = _model(encode_covariates=True)
+    assert not sparse_first_layer(model.module.z_encoder)
+    assert type(model.module.z_encoder.encoder) is FCLayers
+    install_fast_likelihood(model)
+    assert type(model.module.z_encoder.encoder) is FCLayers
+    tensors = next(iter(model._make_data_loader(model.adata, batch_size=64)))
+    _, _, losses = model.module(tensors, loss_kwargs={"kl_weight": 1.0})
+    assert "_SparseLinearBackward" not in _graph_names(losses.loss)
