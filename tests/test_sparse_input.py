@@ -85,3 +85,33 @@ def test_an_encoder_with_covariates_keeps_its_dense_layer():
     tensors = next(iter(model._make_data_loader(model.adata, batch_size=64)))
     _, _, losses = model.module(tensors, loss_kwargs={"kl_weight": 1.0})
     assert "_SparseLinearBackward" not in _graph_names(losses.loss)
+
+
+def _loss(model: scvi.model.SCVI, tensors: dict) -> torch.Tensor:
+    torch.manual_seed(1)  # the same latent sample
+    return model.module(tensors, loss_kwargs={"kl_weight": 1.0})[2].loss
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_validation_modes_and_edited_counts(mode):
+    """Lightning validates under inference_mode; counts edited in place are looked at anew."""
+    model = _model()
+    install_fast_likelihood(model)
+    tensors = next(iter(model._make_data_loader(model.adata, batch_size=64)))
+    model.module.eval()
+    context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with context:
+        fast = _loss(model, tensors)
+        model.module.z_encoder.encoder.__class__ = FCLayers
+        dense = _loss(model, tensors)
+    torch.testing.assert_close(fast, dense, rtol=1e-5, atol=0)
+    model.module.z_encoder.encoder.__class__ = SparseFirstLayerFCLayers
+    x = tensors["X"]
+    with torch.no_grad():
+        before = _loss(model, tensors)
+        x[:, :10] = 0.0  # same tensor, new counts
+        after = _loss(model, tensors)
+        model.module.z_encoder.encoder.__class__ = FCLayers
+        oracle = _loss(model, tensors)
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, oracle, rtol=1e-5, atol=0)

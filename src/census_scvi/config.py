@@ -317,7 +317,9 @@ class TrainConfig(_Section):
     fast_likelihood: bool = Field(
         True,
         description="train with census-scvi's same-math negative-binomial / ZINB likelihood "
-        "(per-gene terms once per gene, zero-aware terms on non-zeros only); false: scvi-tools' own",
+        "(per-gene terms once per gene, zero-aware terms on non-zeros only; for nb its gradient "
+        "in closed form from the decoder's logits) and, on CPU, the encoder's first layer from "
+        "the counts' non-zeros; false: scvi-tools' own",
     )
     stream_io_batch_size: int = Field(
         16_384,

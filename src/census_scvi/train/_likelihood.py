@@ -101,11 +101,12 @@ def _find_nonzeros(x: Tensor) -> _Nonzeros:
 def _batch_nonzeros(x: Tensor) -> _Nonzeros:
     """`_find_nonzeros` of a mini-batch's counts, found once per step: kept on the tensor
     itself (the same object reaches ``inference`` and ``loss``), for as long as it is unchanged."""
+    version = None if x.is_inference() else x._version  # inference tensors keep no version
     kept = getattr(x, _NONZEROS_ATTR, None)
-    if kept is not None and kept[0] == x._version:
+    if kept is not None and kept[0] == version:
         return kept[1]
     nz = _find_nonzeros(x)
-    setattr(x, _NONZEROS_ATTR, (x._version, nz))
+    setattr(x, _NONZEROS_ATTR, (version, nz))
     return nz
 
 
@@ -401,9 +402,10 @@ class FastLikelihoodVAE(VAE):
     ) -> dict[str, Any]:
         """``VAE._regular_inference``; its encoder's first layer from the non-zeros where it can.
 
-        That is (:mod:`census_scvi.train._sparse_input`): counts of one dense CPU (cells, genes)
-        batch in the likelihood's support, ``log_variational``, the observed library size, one
-        sample, and an encoder without covariates. Otherwise ``VAE``'s own.
+        That is (:mod:`census_scvi.train._sparse_input`): counts of one dense float32/float64
+        CPU (cells, genes) batch in the likelihood's support that needs no gradient,
+        ``log_variational``, the observed library size, one sample, and an encoder without
+        covariates. Otherwise ``VAE``'s own.
         """
         rows = self._sparse_encoder_input(x, n_samples)
         if rows is None:
@@ -428,7 +430,9 @@ class FastLikelihoodVAE(VAE):
             and n_samples == 1
             and x.device.type == "cpu"
             and x.layout == torch.strided
-            and x.is_floating_point()
+            and x.dtype in (torch.float32, torch.float64)  # numpy's (the kernels')
+            and layers.fc_layers[0][0].weight.dtype == x.dtype
+            and not x.requires_grad  # the sparse layer gives no input gradient
         )
         if not fits:
             return None

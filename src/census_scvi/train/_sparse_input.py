@@ -97,6 +97,11 @@ def _by_gene(
     return gene_ptr, cells, out_values
 
 
+def _match_torch_threads() -> None:
+    """Run the parallel kernels on as many threads as torch's products (``train.threads``)."""
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
 class _SparseLinear(torch.autograd.Function):
     """``rows @ weight.T + bias`` for `SparseRows` ``rows``; gradients for weight and bias."""
 
@@ -109,6 +114,7 @@ class _SparseLinear(torch.autograd.Function):
         if bias is not None:
             out += bias
         transposed = np.ascontiguousarray(weight.detach().numpy().T)  # (genes, n_hidden)
+        _match_torch_threads()
         _rows_times(rows.indptr, rows.genes, rows.values.numpy(), transposed, out.numpy())
         ctx.rows, ctx.has_bias = rows, bias is not None
         return out
@@ -121,6 +127,7 @@ class _SparseLinear(torch.autograd.Function):
             rows.indptr, rows.genes, rows.values.numpy(), rows.n_genes
         )
         grad_t = np.zeros((rows.n_genes, grad_np.shape[1]), grad_np.dtype)
+        _match_torch_threads()
         _rows_times(gene_ptr, cells, values, grad_np, grad_t)
         grad_weight = torch.from_numpy(np.ascontiguousarray(grad_t.T))
         grad_bias = grad.sum(0) if ctx.has_bias else None
