@@ -99,7 +99,8 @@ def _by_gene(
 
 def _match_torch_threads() -> None:
     """Run the parallel kernels on as many threads as torch's products (``train.threads``)."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    available = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), available)))
 
 
 class _SparseLinear(torch.autograd.Function):
