@@ -17,7 +17,7 @@ the non-zeros. :class:`SoftmaxNegativeBinomial` computes the value as :mod:`._li
 and its backward in ~5 dense passes, with ``digamma(theta)`` once per gene. At 1024 cells x
 8000 genes (11.7% non-zero, n_hidden 512), the likelihood from the logits forward and backward
 took 239 -> 131 ms per step in a profile (ad-hoc probe; figures: docs/benchmarks.md, "The
-likelihood from the decoder's logits").
+likelihood from the decoder's logits, and the first encoder layer on the non-zeros").
 
 It is the same math as scvi-tools' to float rounding:
 ``tests/test_likelihood.py::test_softmax_nb_equals_autograd_through_scvi_tools`` compares values
