@@ -432,6 +432,7 @@ class FastLikelihoodVAE(VAE):
             and x.layout == torch.strided
             and x.dtype in (torch.float32, torch.float64)  # numpy's (the kernels')
             and layers.fc_layers[0][0].weight.dtype == x.dtype
+            and layers.fc_layers[0][0].weight.device.type == "cpu"  # else VAE's moves x there
             and not x.requires_grad  # the sparse layer gives no input gradient
         )
         if not fits:
