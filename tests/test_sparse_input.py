@@ -8,6 +8,7 @@ import torch
 from scvi.nn import FCLayers
 
 from _autograd import graph_names
+from census_scvi.train import _likelihood
 from census_scvi.train._likelihood import _find_nonzeros, install_fast_likelihood
 from census_scvi.train._sparse_input import (
     SparseFirstLayerFCLayers,
@@ -45,6 +46,12 @@ def test_sparse_linear_equals_the_dense_layer_on_log1p(dtype, rtol, bias):
         torch.testing.assert_close(grad, oracle, rtol=0, atol=rtol * float(oracle.abs().max()))
 
 
+@pytest.fixture
+def any_density(monkeypatch):
+    """Sparse input for any density: scvi-tools' synthetic counts are ~69% non-zero."""
+    monkeypatch.setattr(_likelihood, "SPARSE_INPUT_MAX_DENSITY", 1.0)
+
+
 def _model(**kwargs) -> scvi.model.SCVI:
     scvi.settings.seed = 0
     adata = scvi.data.synthetic_iid(batch_size=100, n_genes=80, n_batches=2)
@@ -53,7 +60,7 @@ def _model(**kwargs) -> scvi.model.SCVI:
 
 
 @pytest.mark.filterwarnings("ignore:The value argument must be within the support")
-def test_the_module_uses_it_for_counts_and_the_dense_layer_otherwise():
+def test_the_module_uses_it_for_counts_and_the_dense_layer_otherwise(any_density):
     model = _model()
     install_fast_likelihood(model)
     assert type(model.module.z_encoder.encoder) is SparseFirstLayerFCLayers
@@ -83,7 +90,7 @@ def _loss(model: scvi.model.SCVI, tensors: dict) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
-def test_validation_modes_and_edited_counts(mode):
+def test_validation_modes_and_edited_counts(mode, any_density):
     """Lightning validates under inference_mode; counts edited in place are looked at anew."""
     model = _model()
     install_fast_likelihood(model)
@@ -105,3 +112,19 @@ def test_validation_modes_and_edited_counts(mode):
         oracle = _loss(model, tensors)
     assert not torch.equal(before, after)
     torch.testing.assert_close(after, oracle, rtol=1e-5, atol=0)
+
+
+def test_dense_batches_keep_the_dense_layer():
+    """Above SPARSE_INPUT_MAX_DENSITY the dense product is the faster one."""
+    model = _model()
+    install_fast_likelihood(model)
+    tensors = next(iter(model._make_data_loader(model.adata, batch_size=64)))
+    density = float((tensors["X"] > 0).float().mean())
+    assert density > _likelihood.SPARSE_INPUT_MAX_DENSITY
+    _, _, losses = model.module(tensors, loss_kwargs={"kl_weight": 1.0})
+    assert "_SparseLinearBackward" not in graph_names(losses.loss)
+    sparse = tensors["X"] * (
+        torch.rand(tensors["X"].shape, generator=torch.Generator().manual_seed(0)) < 0.1
+    )
+    _, _, losses = model.module({**tensors, "X": sparse}, loss_kwargs={"kl_weight": 1.0})
+    assert "_SparseLinearBackward" in graph_names(losses.loss)
