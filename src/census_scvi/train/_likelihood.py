@@ -102,16 +102,18 @@ def _find_nonzeros(x: Tensor) -> _Nonzeros:
     return _Nonzeros(index, gene, lengths, counts=flat.index_select(0, index))
 
 
-def _batch_nonzeros(x: Tensor) -> _Nonzeros:
-    """`_find_nonzeros` of a mini-batch's counts, found once per step: kept on the tensor
-    itself (the same object reaches ``inference`` and ``loss``), for as long as it is unchanged."""
+def _batch_nonzeros(x: Tensor) -> tuple[_Nonzeros, bool]:
+    """`_find_nonzeros` of a mini-batch's counts and whether they are in the support, found
+    once per step: kept on the tensor itself (the same object reaches ``inference`` and
+    ``loss``), for as long as it is unchanged."""
     version = None if x.is_inference() else x._version  # inference tensors keep no version
     kept = getattr(x, _NONZEROS_ATTR, None)
     if kept is not None and kept[0] == version:
-        return kept[1]
+        return kept[1], kept[2]
     nz = _find_nonzeros(x)
-    setattr(x, _NONZEROS_ATTR, (version, nz))
-    return nz
+    in_support = _counts_in_support(x, nz)
+    setattr(x, _NONZEROS_ATTR, (version, nz, in_support))
+    return nz, in_support
 
 
 def _per_cell(values: Tensor, nz: _Nonzeros) -> Tensor:
@@ -339,8 +341,8 @@ def fast_log_prob_sum(px: Any, x: Tensor) -> Tensor | None:
     dense_cpu = x.device.type == "cpu" and x.layout == torch.strided and x.is_floating_point()
     if not dense_cpu or x.dim() != 2 or mu.shape != x.shape:
         return None
-    nz = _batch_nonzeros(x)
-    if not _counts_in_support(x, nz):
+    nz, in_support = _batch_nonzeros(x)
+    if not in_support:
         return None
     if kind is Poisson:
         return _poisson(mu, nz)
@@ -441,10 +443,10 @@ class FastLikelihoodVAE(VAE):
         )
         if not fits:
             return None
-        nz = _batch_nonzeros(x)
-        if nz.flat.numel() > SPARSE_INPUT_MAX_DENSITY * x.numel():
+        nz, in_support = _batch_nonzeros(x)
+        if not in_support or nz.flat.numel() > SPARSE_INPUT_MAX_DENSITY * x.numel():
             return None
-        return sparse_rows_of(x, nz) if _counts_in_support(x, nz) else None
+        return sparse_rows_of(x, nz)
 
     def generative(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """``VAE.generative``, with the decoder's logits attached to a negative binomial ``px``.
