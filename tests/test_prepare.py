@@ -475,3 +475,42 @@ def test_h5ad_indptr_is_int32_when_the_values_fit(tmp_path, monkeypatch, limit, 
     h = ad.read_h5ad(path)
     assert h.X.indptr.dtype == want and h.X.indices.dtype == np.int32
     assert (h.X != x).nnz == 0
+
+
+@pytest.mark.parametrize("buffer", [None, 4096])  # one table per read; several (4 KiB buffers)
+@pytest.mark.parametrize("every", [1, 3, 20])  # dense ranges, ranges with gaps, scattered points
+def test_value_sums_equal_dense_numpy(census, every, buffer):
+    """HVG sums straight from the reads equal numpy's on the dense selection (genes left out
+    and values clipped too)."""
+    import tiledbsoma as soma
+
+    from census_scvi.prepare._sums import value_sums
+    from census_scvi.soma import iter_x_values, plan_chunks
+    from census_scvi.soma._x import tiledb_read_config
+
+    uri, adata = census
+    rng = np.random.default_rng(every)
+    ids = np.arange(5, adata.n_obs, every, dtype=np.int64)
+    batch = rng.integers(0, 3, len(ids)).astype(np.int32)
+    kept = np.flatnonzero(rng.random(adata.n_vars) < 0.7)
+    gene_index = np.full(adata.n_vars - 10, -1, np.int64)  # the last ids have no entry at all
+    kept = kept[kept < len(gene_index)]
+    gene_index[kept] = np.arange(len(kept))
+    clip = rng.uniform(0.5, 3.0, (3, len(kept)))
+    chunks = plan_chunks(None, len(ids), chunk_nnz=5000, mean_nnz=100)
+    context = (
+        None if buffer is None else soma.SOMATileDBContext(tiledb_config=tiledb_read_config(buffer))
+    )
+    dense = adata.X[ids][:, kept].toarray().astype(np.float64)
+    with soma.open(f"{uri}/census_data/homo_sapiens", context=context) as exp:
+        X = exp.ms["RNA"].X["raw"]
+        for clip_val in (None, clip):
+            s1, s2 = value_sums(
+                iter_x_values(X, ids, chunks), batch, gene_index, 3, len(kept), clip_val
+            )
+            for b in range(3):
+                v = dense[batch == b]
+                if clip_val is not None:
+                    v = np.minimum(v, clip_val[b])
+                np.testing.assert_allclose(s1[b], v.sum(0), rtol=1e-12)
+                np.testing.assert_allclose(s2[b], (v * v).sum(0), rtol=1e-12)

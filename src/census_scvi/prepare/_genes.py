@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -106,7 +106,8 @@ def highly_variable_genes(
     ``highly_variable_nbatches``, ``highly_variable``, ``rank``.
     """
     from census_scvi.prepare._hvg import seurat_v3_from_chunks
-    from census_scvi.soma import iter_x_chunks
+    from census_scvi.prepare._sums import value_sums
+    from census_scvi.soma import iter_x_values
 
     X = _x_layer(experiment)
     var = _read_var(experiment)
@@ -125,24 +126,25 @@ def highly_variable_genes(
         tmp = _obs_frame(obs_joinids)
         chunks = _chunks_for(X, tmp, chunk_nnz, n_genes)
 
-    def read_chunks(p: int) -> Iterator[tuple[Any, Any, Any]]:
-        it = iter_x_chunks(X, obs_joinids, chunks)
-        cells = len(obs_joinids)
-        progress = track(
-            it, description=f"HVG pass {p}/2", total=cells, weight=_n_rows, unit="cells"
-        )
-        for c in progress:
-            yield batch[c.rows], var_lut[c.cols], c.data
-
-    pass_sums = None
+    n_batches = len(batch_names)
     if processes > 1 and len(chunks) > 1:
         pass_sums = _parallel_sums(
-            opener, obs_joinids, batch, var_lut, chunks, len(batch_names), n_genes, processes
+            opener, obs_joinids, batch, var_lut, chunks, n_batches, n_genes, processes
         )
+    else:
+
+        def pass_sums(p: int, clip: Any) -> Any:
+            it = iter_x_values(X, obs_joinids, chunks)
+            progress = track(
+                it, description=f"HVG pass {p}/2", total=len(obs_joinids), weight=_n_rows,
+                unit="cells",
+            )  # fmt: skip
+            return value_sums(progress, batch, var_lut, n_batches, n_genes, clip)
+
     stats = seurat_v3_from_chunks(
-        read_chunks,
+        None,
         pass_sums=pass_sums,
-        n_cells=np.bincount(batch, minlength=len(batch_names)),
+        n_cells=np.bincount(batch, minlength=n_batches),
         n_genes=n_genes,
         n_top_genes=n_top_genes,
         batch_names=list(batch_names),

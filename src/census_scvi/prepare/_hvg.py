@@ -119,7 +119,7 @@ def _fit_loess(
 
 
 def seurat_v3_from_chunks(
-    read_chunks: Callable[[int], Iterable[Chunk]],
+    read_chunks: Callable[[int], Iterable[Chunk]] | None,
     *,
     n_cells: Sequence[int] | npt.NDArray[np.integer],
     n_genes: int,
@@ -135,7 +135,8 @@ def seurat_v3_from_chunks(
     ----------
     read_chunks
         ``read_chunks(pass_number)`` returns a fresh iterable of ``(batch, gene, value)`` chunks
-        covering every stored value of the selected cells once (called with 1, then 2).
+        covering every stored value of the selected cells once (called with 1, then 2); None
+        when ``pass_sums`` is given.
     n_cells
         Cells in each batch (``len(n_cells)`` is the number of batches).
     n_genes
@@ -175,9 +176,12 @@ def seurat_v3_from_chunks(
         raise CensusScviError(msg)
 
     if pass_sums is None:
+        if read_chunks is None:
+            msg = "seurat_v3_from_chunks needs read_chunks or pass_sums"
+            raise ValueError(msg)
 
         def pass_sums(p: int, clip: npt.NDArray[np.float64] | None) -> tuple[Any, Any]:
-            return moment_sums(read_chunks(p), n_batches, n_genes, clip)
+            return moment_sums(read_chunks(p), n_batches, n_genes, clip)  # type: ignore[misc]
 
     # pass 1: per-batch moments
     s1, s2 = pass_sums(1, None)

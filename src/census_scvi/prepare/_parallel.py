@@ -79,16 +79,14 @@ def _group_sums(
     """One worker: sums over its own group of chunks (rows relative to its joinid slice)."""
     from census_scvi._allocators import use_lean_allocators
     from census_scvi.prepare._genes import _x_layer
-    from census_scvi.prepare._hvg import moment_sums
-    from census_scvi.soma import iter_x_chunks
+    from census_scvi.prepare._sums import value_sums
+    from census_scvi.soma import iter_x_values
 
     use_lean_allocators()  # a spawned process starts with numpy's defaults
     with opener() as experiment:
         X = _x_layer(experiment)
-        blocks = (
-            (batch[c.rows], var_lut[c.cols], c.data) for c in iter_x_chunks(X, joinids, chunks)
-        )
-        return moment_sums(blocks, n_batches, n_genes, clip)
+        values = iter_x_values(X, joinids, chunks)
+        return value_sums(values, batch, var_lut, n_batches, n_genes, clip)
 
 
 def parallel_pass_sums(

@@ -23,11 +23,19 @@ from census_scvi.soma._writer import (
     schema_table,
     write_presence_matrix,
 )
-from census_scvi.soma._x import XChunk, iter_x_chunks, plan_chunks, tiledb_read_config
+from census_scvi.soma._x import (
+    XChunk,
+    XValues,
+    iter_x_chunks,
+    iter_x_values,
+    plan_chunks,
+    tiledb_read_config,
+)
 
 __all__ = [
     "CountsWriter",
     "XChunk",
+    "XValues",
     "cell_counts",
     "census_fingerprint",
     "create_census_root",
@@ -37,6 +45,7 @@ __all__ = [
     "experiment_name",
     "get_experiment",
     "iter_x_chunks",
+    "iter_x_values",
     "open_census",
     "open_census_uri",
     "open_collection",

@@ -10,10 +10,10 @@ array lookup over the chunk's id span (no hash index over all cells).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -23,12 +23,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "XChunk",
+    "XValues",
     "iter_x_chunks",
+    "iter_x_values",
     "plan_chunks",
     "tiledb_read_config",
 ]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def tiledb_read_config(buffer_bytes: int) -> dict[str, Any]:
@@ -109,51 +113,110 @@ def _row_lookup(
     return pos.astype(np.int64) + row_start
 
 
-def _read_chunk(
-    X: soma.SparseNDArray,
-    ids: npt.NDArray[np.int64],
-    var_mask: npt.NDArray[np.bool_] | None,
-    index: int,
-    row_start: int,
-) -> XChunk:
+@dataclass
+class XValues:
+    """One chunk's stored values as TileDB returns them: no lookup, no copy where one table.
+
+    ``cell_ids`` / ``gene_ids`` are soma_joinids. A chunk read as an id range (``dense``) also
+    holds values of cells between the selected ones (``ids``), which the caller skips.
+    """
+
+    index: int
+    cell_ids: npt.NDArray[np.int64]
+    gene_ids: npt.NDArray[np.int64]
+    data: npt.NDArray[Any]
+    ids: npt.NDArray[np.int64]
+    row_start: int
+    dense: bool
+
+    @property
+    def n_rows(self) -> int:
+        """Selected cells in the chunk."""
+        return len(self.ids)
+
+
+def _read_values(
+    X: soma.SparseNDArray, ids: npt.NDArray[np.int64], index: int, row_start: int
+) -> XValues:
     import pyarrow as pa
 
     # TileDB reads a range of cell ids about twice as fast as a list of points, so when the
     # selected cells fill at least a quarter of their id range we read the range and drop the
-    # others here. Likewise every gene is read and the wanted ones kept with a mask: a list of
+    # others later. Likewise every gene is read and the wanted ones kept with a mask: a list of
     # thousands of gene points reads several times slower than all genes.
     span = int(ids[-1]) - int(ids[0]) + 1
     dense = len(ids) * 4 >= span
     obs_coords: Any = slice(int(ids[0]), int(ids[-1])) if dense else pa.array(ids)
     tables = list(X.read(coords=(obs_coords,)).tables())
-    if tables:
-        # concatenated by numpy, not pa.concat_tables + to_numpy: pyarrow's pool (mimalloc)
-        # spent ~7 s of system CPU per 16k-cell read there (census_scvi._allocators). One
-        # table (the usual case: 128 MiB read buffers per column) is used as it is, without a
-        # copy: copying every chunk's 20 bytes per value into fresh pages cost prepare ~15 s
-        # of its 116 s at 1M default-shape cells (docs/benchmarks.md, "No regression?").
-        def column(name: str) -> npt.NDArray[Any]:
-            if len(tables) == 1:
-                return tables[0].column(name).to_numpy()
-            return np.concatenate([t.column(name).to_numpy() for t in tables])
+    if not tables:
+        empty = np.zeros(0, dtype=np.int64)
+        return XValues(index, empty, empty, np.zeros(0, np.float32), ids, row_start, dense)
 
-        dim0, cols = column("soma_dim_0"), column("soma_dim_1")
-        data = column("soma_data").astype(np.float32, copy=False)
-        del tables
-        rows = _row_lookup(dim0, ids, row_start, dense=dense)
-        del dim0
-        keep = None
-        if dense and span != len(ids):
-            keep = rows >= 0
-        if var_mask is not None:
-            in_var = var_mask[np.minimum(cols, len(var_mask) - 1)]
-            keep = in_var if keep is None else keep & in_var
-        if keep is not None:
-            rows, cols, data = rows[keep], cols[keep], data[keep]
-    else:
-        rows = cols = np.zeros(0, dtype=np.int64)
-        data = np.zeros(0, dtype=np.float32)
-    return XChunk(index, rows, cols, data, len(ids), row_start)
+    # concatenated by numpy, not pa.concat_tables + to_numpy: pyarrow's pool (mimalloc) spent
+    # ~7 s of system CPU per 16k-cell read there (census_scvi._allocators). One table (the usual
+    # case: 128 MiB read buffers per column) is used as it is, without a copy: copying every
+    # chunk's 20 bytes per value into fresh pages cost prepare ~15 s of its 116 s at 1M
+    # default-shape cells (docs/benchmarks.md, "No regression?").
+    def column(name: str) -> npt.NDArray[Any]:
+        if len(tables) == 1:
+            return tables[0].column(name).to_numpy()
+        return np.concatenate([t.column(name).to_numpy() for t in tables])
+
+    cells, genes, data = column("soma_dim_0"), column("soma_dim_1"), column("soma_data")
+    return XValues(index, cells, genes, data, ids, row_start, dense)
+
+
+def _to_chunk(values: XValues, var_mask: npt.NDArray[np.bool_] | None) -> XChunk:
+    """Rows in the whole selection, unselected cells and genes dropped."""
+    ids, row_start = values.ids, values.row_start
+    span = int(ids[-1]) - int(ids[0]) + 1
+    rows = _row_lookup(values.cell_ids, ids, row_start, dense=values.dense)
+    cols, data = values.gene_ids, values.data.astype(np.float32, copy=False)
+    keep = None
+    if values.dense and span != len(ids):
+        keep = rows >= 0
+    if var_mask is not None:
+        in_var = var_mask[np.minimum(cols, len(var_mask) - 1)]
+        keep = in_var if keep is None else keep & in_var
+    if keep is not None:
+        rows, cols, data = rows[keep], cols[keep], data[keep]
+    return XChunk(values.index, rows, cols, data, len(ids), row_start)
+
+
+def _ahead(read: Callable[[int], T], n: int, prefetch: bool) -> Iterator[T]:
+    """``read(i)`` for ``i`` in ``range(n)``, the next one read on a thread meanwhile."""
+    if not prefetch or n < 2:
+        for i in range(n):
+            yield read(i)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="census-scvi-read") as pool:
+        future = pool.submit(read, 0)
+        for i in range(n):
+            item = future.result()
+            if i + 1 < n:
+                future = pool.submit(read, i + 1)
+            yield item
+            del item
+
+
+def iter_x_values(
+    X: soma.SparseNDArray,
+    obs_joinids: npt.NDArray[np.int64],
+    chunks: Sequence[slice],
+    *,
+    prefetch: bool = True,
+) -> Iterator[XValues]:
+    """The stored values of the selected cells chunk by chunk, as read (:class:`XValues`).
+
+    For consumers that look cells and genes up themselves in one pass (prepare's HVG sums):
+    no per-value arrays are made here. Arguments as :func:`iter_x_chunks`.
+    """
+
+    def read(i: int) -> XValues:
+        sl = chunks[i]
+        return _read_values(X, obs_joinids[sl], i, int(sl.start))
+
+    yield from _ahead(read, len(chunks), prefetch)
 
 
 def iter_x_chunks(
@@ -187,17 +250,6 @@ def iter_x_chunks(
 
     def read(i: int) -> XChunk:
         sl = chunks[i]
-        return _read_chunk(X, obs_joinids[sl], var_mask, i, int(sl.start))
+        return _to_chunk(_read_values(X, obs_joinids[sl], i, int(sl.start)), var_mask)
 
-    if not prefetch or len(chunks) < 2:
-        for i in range(len(chunks)):
-            yield read(i)
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="census-scvi-read") as pool:
-        future = pool.submit(read, 0)
-        for i in range(len(chunks)):
-            chunk = future.result()
-            if i + 1 < len(chunks):
-                future = pool.submit(read, i + 1)
-            yield chunk
-            del chunk
+    yield from _ahead(read, len(chunks), prefetch)
