@@ -181,7 +181,7 @@ def seurat_v3_from_chunks(
             raise ValueError(msg)
 
         def pass_sums(p: int, clip: npt.NDArray[np.float64] | None) -> tuple[Any, Any]:
-            return moment_sums(read_chunks(p), n_batches, n_genes, clip)  # type: ignore[misc]
+            return moment_sums(read_chunks(p), n_batches, n_genes, clip)
 
     # pass 1: per-batch moments
     s1, s2 = pass_sums(1, None)
